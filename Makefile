@@ -1,0 +1,22 @@
+# Set-up and checks. `make test` works on a fresh machine: it installs what is missing, then tests.
+PYTHON ?= python3
+PIP := $(PYTHON) -m pip
+
+# Exactly these: a looser range downloads a multi-GB CUDA build (see README).
+TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+
+.PHONY: install test lint serve bench
+
+install:
+	@$(PYTHON) -c "import torch, torchvision" 2>/dev/null || $(PIP) install -q $(TORCH_PINS)
+	@$(PYTHON) -c "import mm_runtime, pytest, ruff" 2>/dev/null || $(PIP) install -q -e ".[test]"
+
+test: install
+	$(PYTHON) -m pytest -q -x
+
+lint:
+	ruff format --check .
+	ruff check .
+
+bench: install
+	$(PYTHON) bench/offline.py

@@ -1,0 +1,18 @@
+"""mm-runtime: a serving runtime for multimodal language models.
+
+Public surface: `LLM` (offline, in-process engine) and `SamplingParams`. Imported lazily so that
+`import mm_runtime` stays cheap for the CLI and the processes that need only part of it.
+"""
+
+from mm_runtime.shared.errors import MMRuntimeError
+from mm_runtime.shared.wire import SamplingParams
+
+__all__ = ["LLM", "MMRuntimeError", "SamplingParams"]
+
+
+def __getattr__(name: str) -> object:
+    if name == "LLM":
+        from mm_runtime.llm import LLM
+
+        return LLM
+    raise AttributeError(f"module 'mm_runtime' has no attribute {name!r}")

@@ -1,0 +1,63 @@
+"""Error types of every process, and how they cross the wire.
+
+Each subclass fixes a stable `code` (machine-readable, part of the SDK/HTTP interface) and the HTTP
+status the frontend answers with. Errors about one request never stop the process that raised them.
+"""
+
+
+class MMRuntimeError(Exception):
+    """Root of all mm-runtime errors: a stable `code` plus a human-readable message."""
+
+    code: str = "internal_error"
+    http_status: int = 500
+
+    def __init__(self, message: str, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+
+    def __str__(self) -> str:
+        return f"[{self.code}] {self.message}"
+
+
+class InvalidRequest(MMRuntimeError):
+    """The request itself is wrong (too long, bad parameters, placeholder/media mismatch)."""
+
+    code = "invalid_request"
+    http_status = 400
+
+
+class MediaError(MMRuntimeError):
+    """A media item could not be loaded or decoded (corrupt, empty, unsupported)."""
+
+    code = "invalid_media"
+    http_status = 400
+
+
+class PreprocessError(MMRuntimeError):
+    """The HF processor failed on an item that decoded fine."""
+
+    code = "preprocess_failed"
+    http_status = 500
+
+
+class FeatureCacheMiss(MMRuntimeError):
+    """The GPU worker lacks features the frontend believed it held; retryable after a reset."""
+
+    code = "feature_cache_miss"
+    http_status = 503
+
+
+class EngineDead(MMRuntimeError):
+    """The GPU worker is gone."""
+
+    code = "engine_dead"
+    http_status = 503
+
+
+class ConfigError(MMRuntimeError):
+    """A configuration value or model directory cannot be served."""
+
+    code = "config_error"
+    http_status = 500
