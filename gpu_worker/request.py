@@ -40,7 +40,6 @@ class Request:
     prompt_token_ids: list[int]
     sampling_params: SamplingParams
     mm_items: list[MMItem] = field(default_factory=list)
-    eos_token_id: int | None = None
     # prompt + output tokens; outputs are appended as they are sampled
     token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0  # tokens whose KV is in the cache (or being written this step)

@@ -17,7 +17,9 @@ def hash_media(data: bytes, processor_kwargs: dict[str, object] | None = None) -
     return h.hexdigest()
 
 
-def hash_block(parent_hash: bytes | None, token_ids: list[int], extra_keys: tuple[object, ...]) -> bytes:
+def hash_block(
+    parent_hash: bytes | None, token_ids: list[int], extra_keys: tuple[object, ...]
+) -> bytes:
     """Prefix-cache key of one full KV block: it chains the parent block's key, so equal keys
     mean equal prefixes; `extra_keys` holds the (mm_hash, offset) of media overlapping the block."""
     h = hashlib.sha256()

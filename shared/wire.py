@@ -50,7 +50,7 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
 
 
 class PlaceholderRange(msgspec.Struct, array_like=True, frozen=True):
-    """Where one media item's encoder outputs go in the prompt: token positions [offset, offset+length)."""
+    """Where one item's encoder outputs go in the prompt: positions [offset, offset+length)."""
 
     offset: int
     length: int

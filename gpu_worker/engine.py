@@ -1,0 +1,170 @@
+"""The engine core of the GPU worker: requests in, one scheduled step at a time, tokens out.
+
+Runs in-process (the offline `LLM`, tests) or behind the GPU worker's socket loop. Bad requests
+are rejected in `add_request` with an `InvalidRequest` naming the problem, before they can touch
+shared state, so one bad request never costs another request its work.
+"""
+
+import logging
+from pathlib import Path
+
+from transformers import GenerationConfig
+
+from mm_runtime.gpu_worker.encoder_cache import EncoderCache
+from mm_runtime.gpu_worker.kv_cache import KVCacheManager
+from mm_runtime.gpu_worker.model_runner import ModelRunner
+from mm_runtime.gpu_worker.request import FINISH_REASONS, Request, RequestStatus
+from mm_runtime.gpu_worker.sampler import SamplerOutput, make_generator
+from mm_runtime.gpu_worker.scheduler import Scheduler, SchedulerOutput
+from mm_runtime.shared.config import GpuWorkerConfig
+from mm_runtime.shared.errors import InvalidRequest
+from mm_runtime.shared.model_info import ModelInfo
+from mm_runtime.shared.wire import EngineOutput, EngineRequest
+
+logger = logging.getLogger(__name__)
+
+
+def eos_token_ids(info: ModelInfo) -> frozenset[int]:
+    """EOS ids as `generate` uses them: generation_config.json first, else the model config."""
+    eos: int | list[int] | None = None
+    if (Path(info.model_dir) / "generation_config.json").is_file():
+        eos = GenerationConfig.from_pretrained(info.model_dir).eos_token_id
+    if eos is None:
+        eos = getattr(info.hf_config.get_text_config(), "eos_token_id", None)
+    if eos is None:
+        return frozenset()
+    return frozenset([eos] if isinstance(eos, int) else eos)
+
+
+class EngineCore:
+    def __init__(self, config: GpuWorkerConfig) -> None:
+        self.config = config
+        self.info = ModelInfo.from_model_dir(config.model)
+        self.max_model_len = config.max_model_len or self.info.max_position_embeddings
+        self.runner = ModelRunner(config, self.info)
+        self.num_kv_blocks = self.runner.num_kv_blocks_to_allocate()
+        self.runner.allocate_kv_cache(self.num_kv_blocks)
+        self.kv = KVCacheManager(
+            self.num_kv_blocks, config.block_size, config.enable_prefix_caching
+        )
+        self.encoder_cache = EncoderCache(config.encoder_cache_size)
+        self.scheduler = Scheduler(config, self.kv, self.encoder_cache)
+        self.eos_token_ids = eos_token_ids(self.info)
+        self.requests: dict[str, Request] = {}  # req_id -> unfinished request
+        logger.info(
+            "engine ready: %s on %s (%s), %d KV blocks of %d tokens, max_model_len %d",
+            self.info.model_type,
+            self.runner.device,
+            self.runner.dtype,
+            self.num_kv_blocks,
+            config.block_size,
+            self.max_model_len,
+        )
+
+    # ---- requests in ----
+
+    def add_request(self, request: EngineRequest) -> None:
+        """Validates and queues a request; raises `InvalidRequest` and changes nothing if bad."""
+        self._validate(request)
+        params = request.sampling_params
+        req = Request(
+            req_id=request.req_id,
+            prompt_token_ids=list(request.prompt_token_ids),
+            sampling_params=params,
+            mm_items=list(request.mm_items),
+        )
+        if params.seed is not None:
+            req.generator = make_generator(params.seed, self.runner.device)
+        self.runner.model.prepare_request(req)
+        self.requests[req.req_id] = req
+        self.scheduler.add(req)
+
+    def _validate(self, request: EngineRequest) -> None:
+        if request.req_id in self.requests:
+            raise InvalidRequest(f"request id {request.req_id!r} is already running")
+        num_prompt = len(request.prompt_token_ids)
+        if num_prompt == 0:
+            raise InvalidRequest("the prompt is empty")
+        if num_prompt >= self.max_model_len:
+            raise InvalidRequest(
+                f"the prompt has {num_prompt} tokens (media tokens included), but the maximum "
+                f"model length is {self.max_model_len}: no room for an output token",
+                code="prompt_too_long",
+            )
+        vocab_size = self.runner.model.config.get_text_config().vocab_size
+        if min(request.prompt_token_ids) < 0 or max(request.prompt_token_ids) >= vocab_size:
+            raise InvalidRequest(f"prompt token ids must be in [0, {vocab_size})")
+        max_len = min(num_prompt + request.sampling_params.max_tokens, self.max_model_len)
+        needed_blocks = -(-max_len // self.config.block_size)
+        if needed_blocks > self.num_kv_blocks:
+            raise InvalidRequest(
+                f"the request needs {needed_blocks} KV blocks ({max_len} tokens) but the cache "
+                f"holds only {self.num_kv_blocks}; lower max_tokens or the prompt length"
+            )
+        end = 0
+        for item in sorted(request.mm_items, key=lambda it: it.placeholder.offset):
+            offset, length = item.placeholder.offset, item.placeholder.length
+            if offset < end or offset + length > num_prompt or length <= 0:
+                raise InvalidRequest(f"media item placeholder range {offset}+{length} is invalid")
+            if length > self.config.encoder_cache_size:
+                raise InvalidRequest(
+                    f"a media item needs {length} encoder tokens, more than the encoder cache "
+                    f"holds ({self.config.encoder_cache_size}); use a smaller image"
+                )
+            expected = self.runner.model.item_length(item)
+            if expected != length:
+                raise InvalidRequest(
+                    f"media item tensors give {expected} tokens but its placeholder has {length}"
+                )
+            end = offset + length
+
+    def abort_request(self, req_id: str, status: RequestStatus = RequestStatus.FINISHED_ABORTED):
+        req = self.requests.pop(req_id, None)
+        if req is not None:
+            self.scheduler.finish(req, status)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    # ---- one step ----
+
+    def step(self) -> list[EngineOutput]:
+        sched = self.scheduler.schedule()
+        if not sched.scheduled and not sched.encoder_inputs:
+            return []
+        result = self.runner.execute(sched, self.kv, self.encoder_cache)
+        return self._update(sched, result.sampled)
+
+    def _update(self, sched: SchedulerOutput, sampled: SamplerOutput | None) -> list[EngineOutput]:
+        sampling = [s.req for s in sched.scheduled if s.samples]
+        outputs: list[EngineOutput] = []
+        if sampled is not None:
+            token_ids = sampled.token_ids.tolist()
+            logprobs = sampled.to_token_logprobs([r.sampling_params.logprobs for r in sampling])
+            for req, token, lp in zip(sampling, token_ids, logprobs, strict=True):
+                req.token_ids.append(token)
+                status = self._stop_status(req, token)
+                if status is not None:
+                    self.abort_request(req.req_id, status)
+                outputs.append(
+                    EngineOutput(
+                        req_id=req.req_id,
+                        new_token_ids=[token],
+                        new_logprobs=None if lp is None else [lp],
+                        finish_reason=FINISH_REASONS.get(status) if status else None,
+                    )
+                )
+        for s in sched.scheduled:
+            if not s.req.status.finished:
+                self.scheduler.release_finished_items(s.req)
+        return outputs
+
+    def _stop_status(self, req: Request, token: int) -> RequestStatus | None:
+        params = req.sampling_params
+        if not params.ignore_eos and token in self.eos_token_ids:
+            return RequestStatus.FINISHED_STOPPED
+        if token in params.stop_token_ids:
+            return RequestStatus.FINISHED_STOPPED
+        if req.num_output_tokens >= params.max_tokens or req.num_tokens >= self.max_model_len:
+            return RequestStatus.FINISHED_LENGTH
+        return None

@@ -1,0 +1,84 @@
+"""What the model runner needs from a multimodal model: encode items, embed, positions, logits.
+
+Each architecture is a subclass: its encoder (reusing transformers' vision modules, which run
+once per item, not per token), our own `Decoder`, and the map from Hugging Face checkpoint names
+to ours (both the hub layout and transformers 5's `save_pretrained` layout).
+"""
+
+from abc import ABC, abstractmethod
+
+import torch
+from torch import nn
+from transformers import PretrainedConfig
+
+from mm_runtime.gpu_worker.layers.attention import AttentionBackend, AttentionMetadata
+from mm_runtime.gpu_worker.models.decoder import Decoder
+from mm_runtime.gpu_worker.request import Request
+from mm_runtime.shared.errors import InvalidRequest
+from mm_runtime.shared.wire import MMItem
+
+
+def ties_word_embeddings(config: PretrainedConfig) -> bool:
+    # Pre-v5 saves put `tie_word_embeddings` inside text_config; transformers forwards it out.
+    return bool(
+        getattr(config, "tie_word_embeddings", False)
+        or getattr(config.get_text_config(), "tie_word_embeddings", False)
+    )
+
+
+class MultimodalModel(nn.Module, ABC):
+    # Checkpoint-name prefixes rewritten to ours, first match wins; unmatched names are kept.
+    checkpoint_prefixes: list[tuple[str, str]] = []
+
+    def __init__(self, config: PretrainedConfig, backend: AttentionBackend) -> None:
+        super().__init__()
+        self.config = config
+        text_config = config.get_text_config()
+        self.language_model = Decoder(text_config, backend)
+        self.lm_head = nn.Linear(text_config.hidden_size, text_config.vocab_size, bias=False)
+        if ties_word_embeddings(config):
+            self.lm_head.weight = self.language_model.embed_tokens.weight
+
+    @abstractmethod
+    def encode(self, items: list[MMItem]) -> list[torch.Tensor]:
+        """Encoder outputs of each item, [placeholder length, hidden] in the LM's dtype."""
+
+    @abstractmethod
+    def item_length(self, item: MMItem) -> int:
+        """Encoder output tokens the item's tensors will give; `InvalidRequest` if malformed."""
+
+    def prepare_request(self, req: Request) -> None:
+        """Per-request state computed once on arrival (Qwen2-VL's M-RoPE positions)."""
+
+    def positions(self, req: Request, start: int, end: int) -> torch.Tensor:
+        """Positions of the request's tokens [start, end): [n], or [3, n] with M-RoPE."""
+        return torch.arange(start, end)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.language_model.embed_tokens(input_ids)
+
+    def forward(
+        self,
+        inputs_embeds: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[torch.Tensor],
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        return self.language_model(inputs_embeds, positions, kv_caches, meta)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)
+
+    def checkpoint_name(self, name: str) -> str:
+        for prefix, ours in self.checkpoint_prefixes:
+            if name.startswith(prefix):
+                return ours + name[len(prefix) :]
+        return name
+
+
+def item_tensor(item: MMItem, key: str, ndim: int) -> torch.Tensor:
+    """The item's tensor `key`, checked for presence and rank."""
+    tensor = item.tensors.get(key)
+    if not isinstance(tensor, torch.Tensor) or tensor.dim() != ndim:
+        raise InvalidRequest(f"media item lacks a {ndim}-d tensor {key!r}")
+    return tensor

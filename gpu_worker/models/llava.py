@@ -1,0 +1,56 @@
+"""LLaVA-1.5: CLIP vision tower (transformers' own module), MLP projector, Llama decoder.
+
+Features: hidden states of `vision_feature_layer` (or several layers concatenated), minus the
+CLS token under the "default" select strategy, projected to the LM's hidden size.
+"""
+
+import torch
+from transformers import AutoModel, PretrainedConfig
+from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
+
+from mm_runtime.gpu_worker.layers.attention import AttentionBackend
+from mm_runtime.gpu_worker.models.base import MultimodalModel, item_tensor
+from mm_runtime.shared.errors import InvalidRequest
+from mm_runtime.shared.model_info import num_image_tokens
+from mm_runtime.shared.wire import MMItem
+
+
+class LlavaModel(MultimodalModel):
+    checkpoint_prefixes = [
+        ("model.language_model.", "language_model."),  # transformers 5 save_pretrained
+        ("model.vision_tower.", "vision_tower."),
+        ("model.multi_modal_projector.", "multi_modal_projector."),
+        ("language_model.model.", "language_model."),  # hub layout (llava-hf)
+        ("language_model.lm_head.", "lm_head."),
+    ]
+
+    def __init__(self, config: PretrainedConfig, backend: AttentionBackend) -> None:
+        super().__init__(config, backend)
+        self.vision_tower = AutoModel.from_config(config.vision_config)
+        self.multi_modal_projector = LlavaMultiModalProjector(config)
+
+    def item_length(self, item: MMItem) -> int:
+        vision = self.config.vision_config
+        pixels = item_tensor(item, "pixel_values", 4)  # [1, channels, height, width]
+        expected = (1, vision.num_channels, vision.image_size, vision.image_size)
+        if tuple(pixels.shape) != expected:
+            raise InvalidRequest(
+                f"pixel_values of shape {tuple(pixels.shape)}, expected {expected}"
+            )
+        return num_image_tokens(self.config, item.tensors)
+
+    def encode(self, items: list[MMItem]) -> list[torch.Tensor]:
+        if not items:
+            return []
+        weight = self.multi_modal_projector.linear_1.weight
+        # CLIP images are all the processor's crop size, so one batch serves every item.
+        pixels = torch.cat([item.tensors["pixel_values"] for item in items])
+        pixels = pixels.to(weight.device, weight.dtype)
+        out = self.vision_tower(pixels, output_hidden_states=True, return_dict=True)
+        layers = self.config.vision_feature_layer
+        layers = [layers] if isinstance(layers, int) else list(layers)
+        selected = [out.hidden_states[i] for i in layers]  # each [num_items, 1 + patches, vision]
+        if self.config.vision_feature_select_strategy == "default":
+            selected = [hs[:, 1:] for hs in selected]  # drop CLS
+        features = self.multi_modal_projector(torch.cat(selected, dim=-1))
+        return list(features)  # num_items x [tokens, hidden]

@@ -1,0 +1,105 @@
+"""Builds a model from a Hugging Face directory and loads its safetensors (single or sharded).
+
+`load_format="dummy"` skips the files and fills every parameter with small seeded random values
+of the real shapes, for benchmarks of real-size models without downloads.
+"""
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+from tqdm import tqdm
+
+from mm_runtime.gpu_worker.layers.attention import AttentionBackend
+from mm_runtime.gpu_worker.models import MODEL_CLASSES, MultimodalModel
+from mm_runtime.gpu_worker.models.decoder import Decoder
+from mm_runtime.shared.errors import ConfigError
+from mm_runtime.shared.model_info import ModelInfo
+
+logger = logging.getLogger(__name__)
+
+
+def checkpoint_files(model_dir: Path) -> list[Path]:
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+        return [model_dir / name for name in sorted(set(weight_map.values()))]
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise ConfigError(f"no *.safetensors in {model_dir}")
+    return files
+
+
+def _load_tensor(params: dict[str, nn.Parameter], name: str, tensor: torch.Tensor) -> str | None:
+    """Copy one checkpoint tensor into its (maybe fused) parameter; returns the parameter name."""
+    for hf_part, (our_part, shard_id) in Decoder.packed_modules_mapping.items():
+        fused = name.replace(f".{hf_part}.", f".{our_part}.")
+        if fused != name and fused in params:
+            param = params[fused]
+            param.weight_loader(param, tensor, shard_id)
+            return fused
+    param = params.get(name)
+    if param is None:
+        return None
+    if param.shape != tensor.shape:
+        raise ConfigError(f"{name}: checkpoint shape {tuple(tensor.shape)} != {tuple(param.shape)}")
+    param.data.copy_(tensor)
+    return name
+
+
+def load_weights(model: MultimodalModel, model_dir: Path) -> None:
+    params = dict(model.named_parameters(remove_duplicate=False))
+    loaded: set[str] = set()
+    files = checkpoint_files(model_dir)
+    for path in tqdm(files, desc="Loading safetensors", disable=len(files) < 2):
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                name = model.checkpoint_name(key)
+                target = _load_tensor(params, name, f.get_tensor(key))
+                if target is None:
+                    logger.debug("skipping checkpoint tensor %s", key)
+                else:
+                    loaded.add(target)
+    tied = (
+        {"lm_head.weight"}
+        if model.lm_head.weight is model.language_model.embed_tokens.weight
+        else set()
+    )
+    missing = set(params) - loaded - tied
+    if missing:
+        raise ConfigError(
+            f"checkpoint in {model_dir} lacks {len(missing)} tensors, e.g. {sorted(missing)[:5]}"
+        )
+
+
+def fill_dummy_weights(model: nn.Module, seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    for param in model.parameters():
+        values = torch.empty(param.shape, dtype=torch.float32).uniform_(
+            -1e-2, 1e-2, generator=generator
+        )
+        param.data.copy_(values)
+
+
+def build_model(
+    info: ModelInfo,
+    backend: AttentionBackend,
+    dtype: torch.dtype,
+    device: torch.device,
+    load_format: str = "auto",
+    seed: int = 0,
+) -> MultimodalModel:
+    config = info.hf_config
+    # The vision modules are transformers' own: make them use SDPA as from_pretrained would.
+    for sub in (config, getattr(config, "vision_config", None)):
+        if sub is not None and getattr(sub, "_attn_implementation", None) is None:
+            sub._attn_implementation = "sdpa"
+    model = MODEL_CLASSES[info.model_type](config, backend)
+    if load_format == "dummy":
+        fill_dummy_weights(model, seed)
+    else:
+        load_weights(model, Path(info.model_dir))
+    return model.to(device=device, dtype=dtype).eval()

@@ -1,0 +1,240 @@
+"""`mm_runtime.LLM`: the offline, in-process engine, shaped like vLLM's `LLM` class.
+
+Composes in one process what the server runs in three: the frontend's prompt building and
+detokenization, the preprocess worker's image processing, and the GPU worker's engine core.
+"""
+
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from PIL import Image
+from tqdm import tqdm
+
+from mm_runtime.frontend.detokenizer import IncrementalDetokenizer
+from mm_runtime.frontend.media import load_image
+from mm_runtime.frontend.prompt import ImageRef, PromptBuilder
+from mm_runtime.gpu_worker.engine import EngineCore
+from mm_runtime.gpu_worker.request import RequestStatus
+from mm_runtime.preprocess_worker.processors import ImageProcessor
+from mm_runtime.shared.config import GpuWorkerConfig
+from mm_runtime.shared.errors import InvalidRequest
+from mm_runtime.shared.wire import EngineOutput, EngineRequest, MMItem, SamplingParams
+
+Prompt = str | dict[str, Any]  # a string, or {"prompt": str, "multi_modal_data": {"image": ...}}
+Message = dict[str, Any]
+
+
+@dataclass(slots=True)
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+    # Per generated token: {token_id: logprob} for the sampled token and the top-n.
+    logprobs: list[dict[int, float]] | None = None
+
+
+@dataclass(slots=True)
+class RequestOutput:
+    request_id: str
+    prompt: str
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool = False
+
+
+@dataclass(slots=True)
+class _Pending:
+    """An in-flight request: its output so far and the detokenizer applying stop strings."""
+
+    output: RequestOutput
+    detokenizer: IncrementalDetokenizer
+    token_ids: list[int] = field(default_factory=list)
+
+
+class LLM:
+    """Offline batch inference: `generate(prompts, params)` and `chat(messages, params)`."""
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        dtype: str = "auto",
+        device: str = "auto",
+        load_format: str = "auto",
+        max_model_len: int | None = None,
+        max_num_seqs: int = 256,
+        max_num_batched_tokens: int = 8192,
+        block_size: int = 16,
+        num_kv_blocks: int | None = None,
+        kv_cache_memory_gb: float = 1.0,
+        gpu_memory_utilization: float = 0.9,
+        enable_prefix_caching: bool = True,
+        encoder_cache_tokens: int | None = None,
+        max_encoder_tokens_per_step: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.config = GpuWorkerConfig(
+            model=str(model),
+            device=device,
+            dtype=dtype,
+            load_format=load_format,
+            max_model_len=max_model_len,
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens,
+            block_size=block_size,
+            num_kv_blocks=num_kv_blocks,
+            kv_cache_memory_gb=kv_cache_memory_gb,
+            gpu_memory_utilization=gpu_memory_utilization,
+            enable_prefix_caching=enable_prefix_caching,
+            encoder_cache_tokens=encoder_cache_tokens,
+            max_encoder_tokens_per_step=max_encoder_tokens_per_step,
+            seed=seed,
+        )
+        self.engine = EngineCore(self.config)
+        self.prompts = PromptBuilder(self.engine.info)
+        self.image_processor = ImageProcessor(self.engine.info)
+        self._req_ids = itertools.count()
+
+    def get_tokenizer(self) -> Any:
+        return self.prompts.tokenizer
+
+    # ---- input processing (the frontend's and preprocess worker's jobs, in-process) ----
+
+    def build_request(
+        self,
+        prompt: Prompt,
+        sampling_params: SamplingParams,
+        req_id: str | None = None,
+        add_special_tokens: bool = True,
+    ) -> EngineRequest:
+        """Tokenizes a prompt and processes its images; raises on bad input, changes nothing."""
+        text, images = _split_prompt(prompt)
+        loaded = [load_image(image) for image in images]
+        processed = [self.image_processor(item.image) for item in loaded]
+        token_ids, ranges = self.prompts.tokenize(
+            text, [p.num_tokens for p in processed], add_special_tokens
+        )
+        mm_items = [
+            MMItem(modality="image", mm_hash=li.mm_hash, placeholder=r, tensors=p.tensors)
+            for li, p, r in zip(loaded, processed, ranges, strict=True)
+        ]
+        return EngineRequest(
+            req_id=req_id if req_id is not None else str(next(self._req_ids)),
+            prompt_token_ids=token_ids,
+            sampling_params=sampling_params,
+            mm_items=mm_items,
+        )
+
+    # ---- public API ----
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """One output per prompt, in the order given. Bad input raises before any work starts."""
+        if isinstance(prompts, str | dict):
+            prompts = [prompts]
+        params = _params_per_prompt(sampling_params, len(prompts))
+        requests = [self.build_request(p, sp) for p, sp in zip(prompts, params, strict=True)]
+        texts = [p if isinstance(p, str) else p.get("prompt", "") for p in prompts]
+        return self._run(requests, texts, use_tqdm)
+
+    def chat(
+        self,
+        messages: list[Message] | list[list[Message]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        add_generation_prompt: bool = True,
+    ) -> list[RequestOutput]:
+        """OpenAI-style conversations (text and image_url / PIL image parts), one output each."""
+        conversations = messages if messages and isinstance(messages[0], list) else [messages]
+        params = _params_per_prompt(sampling_params, len(conversations))
+        requests, texts = [], []
+        for conversation, sp in zip(conversations, params, strict=True):
+            text, images = self.prompts.apply_chat_template(conversation, add_generation_prompt)
+            prompt = {"prompt": text, "multi_modal_data": {"image": images}}
+            # The template already holds the special tokens (BOS); do not add them twice.
+            requests.append(self.build_request(prompt, sp, add_special_tokens=False))
+            texts.append(text)
+        return self._run(requests, texts, use_tqdm)
+
+    # ---- the loop ----
+
+    def _run(
+        self, requests: list[EngineRequest], texts: list[str], use_tqdm: bool
+    ) -> list[RequestOutput]:
+        pending: dict[str, _Pending] = {}
+        for request, text in zip(requests, texts, strict=True):
+            try:
+                self.engine.add_request(request)
+            except Exception:
+                for req_id in pending:
+                    self.engine.abort_request(req_id)
+                raise
+            detok = IncrementalDetokenizer(
+                self.prompts.tokenizer, request.prompt_token_ids, request.sampling_params.stop
+            )
+            output = RequestOutput(request.req_id, text, request.prompt_token_ids, [])
+            pending[request.req_id] = _Pending(output, detok)
+        results = [pending[r.req_id].output for r in requests]
+        with tqdm(total=len(requests), desc="Processed prompts", disable=not use_tqdm) as bar:
+            while self.engine.has_unfinished_requests():
+                for out in self.engine.step():
+                    if self._apply(pending[out.req_id], out):
+                        bar.update(1)
+        return results
+
+    def _apply(self, p: _Pending, out: EngineOutput) -> bool:
+        """Applies one step's output to a request; True when the request just finished."""
+        if out.error is not None:
+            raise InvalidRequest(out.error.message, code=out.error.code)
+        p.token_ids.extend(out.new_token_ids)
+        logprobs = p.output.outputs[0].logprobs if p.output.outputs else None
+        if out.new_logprobs is not None:
+            logprobs = (logprobs or []) + [
+                {lp.token_id: lp.logprob for lp in [t.sampled, *t.top]} for t in out.new_logprobs
+            ]
+        p.detokenizer.update(out.new_token_ids, finished=out.finished)
+        finish_reason = out.finish_reason
+        if p.detokenizer.stopped and finish_reason is None:
+            self.engine.abort_request(out.req_id, RequestStatus.FINISHED_STOPPED)
+            finish_reason = "stop"
+        p.output.outputs = [
+            CompletionOutput(
+                0, p.detokenizer.output_text, list(p.token_ids), finish_reason, logprobs
+            )
+        ]
+        p.output.finished = finish_reason is not None
+        return p.output.finished
+
+
+def _split_prompt(prompt: Prompt) -> tuple[str, list[ImageRef]]:
+    if isinstance(prompt, str):
+        return prompt, []
+    if not isinstance(prompt, dict) or not isinstance(prompt.get("prompt"), str):
+        raise InvalidRequest("a prompt is a string or a dict with a 'prompt' string")
+    data = prompt.get("multi_modal_data") or {}
+    unknown = set(data) - {"image"}
+    if unknown:
+        raise InvalidRequest(f"unsupported modalities {sorted(unknown)}; this model takes image")
+    images = data.get("image", [])
+    if isinstance(images, Image.Image | str | bytes):
+        images = [images]
+    return prompt["prompt"], list(images)
+
+
+def _params_per_prompt(
+    params: SamplingParams | Sequence[SamplingParams] | None, num_prompts: int
+) -> list[SamplingParams]:
+    if params is None:
+        return [SamplingParams()] * num_prompts
+    if isinstance(params, SamplingParams):
+        return [params] * num_prompts
+    if len(params) != num_prompts:
+        raise InvalidRequest(f"{len(params)} sampling params for {num_prompts} prompts")
+    return list(params)
