@@ -29,6 +29,18 @@ class LlavaModel(MultimodalModel):
         self.vision_tower = AutoModel.from_config(config.vision_config)
         self.multi_modal_projector = LlavaMultiModalProjector(config)
 
+    def checkpoint_name(self, name: str) -> str:
+        # CLIP's vision tower has a `vision_model.` level in hub checkpoints (and in older
+        # transformers' module tree) but not in transformers 5's: match whichever we built.
+        name = super().checkpoint_name(name)
+        nested = hasattr(self.vision_tower, "vision_model")
+        inner = "vision_tower.vision_model."
+        if name.startswith(inner) and not nested:
+            return "vision_tower." + name[len(inner) :]
+        if name.startswith("vision_tower.") and nested and not name.startswith(inner):
+            return inner + name[len("vision_tower.") :]
+        return name
+
     def item_length(self, item: MMItem) -> int:
         vision = self.config.vision_config
         pixels = item_tensor(item, "pixel_values", 4)  # [1, channels, height, width]

@@ -1,0 +1,60 @@
+"""Test helpers: the Hugging Face reference, random images and prompts for the tiny models.
+
+The reference is transformers' own `generate` on the same directory, in float32 on CPU, one
+request at a time (no padding), so any batching effect on our side shows up as a mismatch.
+"""
+
+import copy
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from mm_runtime.shared.model_info import IMAGE_PLACEHOLDERS
+
+ARCHS = ["llava", "qwen2_vl"]
+
+
+def random_image(width: int, height: int, seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def prompt_text(arch: str, question: str, num_images: int) -> str:
+    images = " ".join([IMAGE_PLACEHOLDERS[arch]] * num_images)
+    return f"USER: {images}\n{question} ASSISTANT:"
+
+
+def mm_prompt(text: str, images: list[Image.Image]) -> dict[str, object]:
+    return {"prompt": text, "multi_modal_data": {"image": images}}
+
+
+@cache
+def _hf(model_dir: str) -> tuple[object, object]:
+    processor = AutoProcessor.from_pretrained(model_dir)
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).eval()
+    return processor, model
+
+
+def hf_greedy(
+    model_dir: str | Path,
+    text: str,
+    images: list[Image.Image],
+    max_new_tokens: int = 32,
+    add_special_tokens: bool = True,
+) -> list[int]:
+    """Hugging Face's greedy tokens for one request, never stopping at EOS (like ignore_eos)."""
+    processor, model = _hf(str(model_dir))
+    inputs = processor(
+        text=text, images=images or None, return_tensors="pt", add_special_tokens=add_special_tokens
+    )
+    config = copy.deepcopy(model.generation_config)
+    config.eos_token_id = None  # generate through EOS, as our ignore_eos does
+    config.max_new_tokens = max_new_tokens
+    config.do_sample = False
+    with torch.inference_mode():
+        out = model.generate(**inputs, generation_config=config)
+    return out[0, inputs["input_ids"].shape[1] :].tolist()
