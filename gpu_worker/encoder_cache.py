@@ -43,9 +43,12 @@ class EncoderCache:
     def contains(self, mm_hash: str) -> bool:
         return mm_hash in self.entries
 
-    def lookup(self, mm_hash: str) -> bool:
-        """`contains`, counted as a hit or miss: call once per item when admitting a request."""
-        hit = mm_hash in self.entries
+    def lookup(self, mm_hash: str, pending: bool = False) -> bool:
+        """`contains`, counted as a hit or miss: call once per item when admitting a request.
+
+        `pending`: another request encodes this item in the same step, which counts as a hit.
+        """
+        hit = mm_hash in self.entries or pending
         if hit:
             self.hits += 1
         else:

@@ -137,11 +137,9 @@ class Scheduler:
             if offset >= start + n or offset + length <= start:
                 continue  # outside the chunk
             h = item.mm_hash
-            # Count a hit/miss once per item and request: in the chunk where the item begins.
-            cached = (
-                self.encoder_cache.lookup(h) if offset >= start else self.encoder_cache.contains(h)
-            )
-            if cached:
+            if offset >= start:  # count a hit/miss once per item: where its first chunk starts
+                self.encoder_cache.lookup(h, pending=h in budget.new_hashes)
+            if self.encoder_cache.contains(h):
                 self.encoder_cache.acquire(h, req.req_id)  # no eviction may take it this step
                 continue
             if h in budget.new_hashes:
