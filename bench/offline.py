@@ -1,0 +1,200 @@
+"""Offline throughput: N VisionArena-like requests through `mm_runtime.LLM`, beside Hugging Face
+`generate` on the same requests in the same run.
+
+Each request: one image of a random size (336x336 .. 1920x1080), a short question, 64-256 output
+tokens with ignore_eos. Prints requests/s, output tokens/s and mean engine step time for ours,
+the same for HF (`generate` over padded batches of --hf-batch-size; a batch runs to its longest
+request, only the requested tokens count), and the ratio. On CPU with the tiny demo model the
+numbers are a sanity check only; GPU figures come with the kernels issue.
+
+    python bench/offline.py                       # tiny Qwen2-VL demo model on CPU
+    python bench/offline.py --model DIR --num-requests 200 --hf-batch-size 64
+"""
+
+import argparse
+import copy
+import json
+import random
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from mm_runtime import LLM, SamplingParams
+from mm_runtime.shared.model_info import IMAGE_PLACEHOLDERS, ModelInfo
+from mm_runtime.shared.tiny_models import tiny_model_dir
+
+IMAGE_SIZES = [
+    (336, 336),
+    (512, 512),
+    (640, 480),
+    (800, 600),
+    (1024, 768),
+    (1280, 720),
+    (1920, 1080),
+]
+QUESTIONS = [
+    "What is in this image?",
+    "Describe the picture in detail.",
+    "What color is the car?",
+    "How many people are there?",
+    "Is this a photo of a kitchen?",
+]
+
+
+def make_workload(n: int, min_tokens: int, max_tokens: int, seed: int) -> list[tuple]:
+    """(question, image, output length) per request, the same for both engines."""
+    rng = random.Random(seed)
+    np_rng = np.random.default_rng(seed)
+    workload = []
+    for _ in range(n):
+        w, h = rng.choice(IMAGE_SIZES)
+        pixels = np_rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        workload.append(
+            (rng.choice(QUESTIONS), Image.fromarray(pixels), rng.randint(min_tokens, max_tokens))
+        )
+    return workload
+
+
+def chat_prompt(processor: AutoProcessor, question: str) -> str:
+    messages = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}
+    ]
+    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def run_ours(args: argparse.Namespace, workload: list[tuple], prompts: list[str]) -> dict:
+    llm = LLM(
+        args.model,
+        device=args.device,
+        dtype=args.dtype,
+        load_format=args.load_format,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+    )
+    engine = llm.engine
+    step_times: list[float] = []
+    start = time.perf_counter()
+    for (_, image, out_len), prompt in zip(workload, prompts, strict=True):
+        params = SamplingParams(max_tokens=out_len, temperature=0, ignore_eos=True)
+        prompt_with_image = {"prompt": prompt, "multi_modal_data": {"image": image}}
+        request = llm.build_request(prompt_with_image, params, add_special_tokens=False)
+        engine.add_request(request)
+    num_tokens = 0
+    while engine.has_unfinished_requests():
+        t0 = time.perf_counter()
+        outputs = engine.step()
+        if llm.engine.runner.device.type == "cuda":
+            torch.cuda.synchronize()
+        step_times.append(time.perf_counter() - t0)
+        num_tokens += sum(len(o.new_token_ids) for o in outputs)
+    elapsed = time.perf_counter() - start
+    return {
+        "seconds": elapsed,
+        "requests_per_s": len(workload) / elapsed,
+        "output_tokens_per_s": num_tokens / elapsed,
+        "mean_step_ms": 1000 * statistics.mean(step_times),
+        "num_steps": len(step_times),
+        "device": str(engine.runner.device),
+        "dtype": str(engine.runner.dtype),
+    }
+
+
+def run_hf(args: argparse.Namespace, workload: list[tuple], prompts: list[str]) -> dict:
+    processor = AutoProcessor.from_pretrained(args.model)
+    processor.tokenizer.padding_side = "left"  # decoder-only batching pads on the left
+    device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    if args.load_format == "dummy":
+        config = ModelInfo.from_model_dir(args.model).hf_config
+        model = AutoModelForImageTextToText.from_config(config, dtype=dtype)
+    else:
+        model = AutoModelForImageTextToText.from_pretrained(args.model, dtype=dtype)
+    model = model.to(device).eval()
+    gen_config = copy.deepcopy(model.generation_config)
+    gen_config.eos_token_id = None  # like ignore_eos
+    gen_config.do_sample = False
+    num_tokens = 0
+    start = time.perf_counter()
+    for i in range(0, len(workload), args.hf_batch_size):
+        batch = workload[i : i + args.hf_batch_size]
+        inputs = processor(
+            text=prompts[i : i + len(batch)],
+            images=[im for _, im, _ in batch],
+            padding=True,
+            return_tensors="pt",
+            add_special_tokens=False,
+        ).to(device)
+        gen_config.max_new_tokens = max(n for _, _, n in batch)
+        with torch.inference_mode():
+            model.generate(**inputs, generation_config=gen_config)
+        num_tokens += sum(n for _, _, n in batch)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    return {
+        "seconds": elapsed,
+        "requests_per_s": len(workload) / elapsed,
+        "output_tokens_per_s": num_tokens / elapsed,
+        "batch_size": args.hf_batch_size,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", default=None, help="model dir (default: tiny Qwen2-VL demo)")
+    parser.add_argument("--num-requests", type=int, default=32)
+    parser.add_argument("--min-tokens", type=int, default=64)
+    parser.add_argument("--max-tokens", type=int, default=256)
+    parser.add_argument("--hf-batch-size", type=int, default=8)
+    parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
+    parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    args = parser.parse_args()
+    args.model = args.model or str(tiny_model_dir("qwen2_vl"))
+    model_type = ModelInfo.from_model_dir(args.model).model_type
+    assert model_type in IMAGE_PLACEHOLDERS
+    workload = make_workload(args.num_requests, args.min_tokens, args.max_tokens, args.seed)
+    processor = AutoProcessor.from_pretrained(args.model)
+    prompts = [chat_prompt(processor, q) for q, _, _ in workload]
+
+    results = {
+        "model": args.model,
+        "num_requests": args.num_requests,
+        "ours": run_ours(args, workload, prompts),
+    }
+    if not args.skip_hf:
+        results["hf"] = run_hf(args, workload, prompts)
+        results["speedup"] = results["ours"]["requests_per_s"] / results["hf"]["requests_per_s"]
+    ours = results["ours"]
+    print(f"model {args.model} ({model_type}), {args.num_requests} requests")
+    print(f"  on {ours['device']} ({ours['dtype']})")
+    print(
+        f"  mm-runtime : {ours['requests_per_s']:8.2f} req/s"
+        f"  {ours['output_tokens_per_s']:10.1f} out tok/s"
+        f"  mean step {ours['mean_step_ms']:.2f} ms over {ours['num_steps']} steps"
+    )
+    if "hf" in results:
+        hf = results["hf"]
+        print(
+            f"  HF generate: {hf['requests_per_s']:8.2f} req/s"
+            f"  {hf['output_tokens_per_s']:10.1f} out tok/s  (batches of {hf['batch_size']})"
+        )
+        print(f"  speedup    : {results['speedup']:.2f}x")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
