@@ -5,11 +5,14 @@ PIP := $(PYTHON) -m pip
 # Exactly these: a looser range downloads a multi-GB CUDA build (see README).
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install test lint serve bench
+.PHONY: install test lint bench
 
 install:
 	@$(PYTHON) -c "import torch, torchvision" 2>/dev/null || $(PIP) install -q $(TORCH_PINS)
-	@$(PYTHON) -c "import mm_runtime, pytest, ruff" 2>/dev/null || $(PIP) install -q -e ".[test]"
+	@# Reinstall unless mm_runtime is this checkout (CI clones elsewhere on the same machine).
+	@$(PYTHON) -c "import os, sys, mm_runtime, pytest, hypothesis, ruff; \
+		sys.exit(os.path.dirname(mm_runtime.__file__) != os.getcwd())" 2>/dev/null \
+		|| $(PIP) install -q -e ".[test]"
 
 test: install
 	$(PYTHON) -m pytest -q -x
