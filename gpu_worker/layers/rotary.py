@@ -30,7 +30,7 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         params = rope_parameters(config)
         rope_type = params.get("rope_type", params.get("type", "default"))
-        if rope_type == "default":
+        if rope_type in ("default", "mrope"):  # old Qwen2-VL configs name M-RoPE as a type
             base = params["rope_theta"]
             inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
             scaling = 1.0
