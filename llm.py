@@ -9,7 +9,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from PIL import Image
 from tqdm import tqdm
 
 from mm_runtime.frontend.detokenizer import IncrementalDetokenizer
@@ -223,8 +222,8 @@ def _split_prompt(prompt: Prompt) -> tuple[str, list[ImageRef]]:
     if unknown:
         raise InvalidRequest(f"unsupported modalities {sorted(unknown)}; this model takes image")
     images = data.get("image", [])
-    if isinstance(images, Image.Image | str | bytes):
-        images = [images]
+    if not isinstance(images, list | tuple):
+        images = [images]  # one item; load_image names what is wrong with it, if anything
     return prompt["prompt"], list(images)
 
 

@@ -33,6 +33,14 @@ def _decode(data: bytes) -> Image.Image:
         raise MediaError(f"cannot decode image ({len(data)} bytes): {e}") from e
 
 
+def _convert_pil(image: Image.Image) -> Image.Image:
+    try:
+        # A lazily opened image (Image.open) decodes here: a truncated file fails now.
+        return image.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise MediaError(f"cannot decode image ({image.width}x{image.height}): {e}") from e
+
+
 def _data_url_bytes(url: str) -> bytes:
     header, sep, payload = url.partition(",")
     if not sep or not header.startswith("data:") or not header.endswith(";base64"):
@@ -58,7 +66,7 @@ def _local_bytes(path: Path, allowed_local_media_path: Path | None) -> bytes:
 def load_image(source: ImageSource, allowed_local_media_path: Path | None = None) -> LoadedImage:
     """Loads one image from a PIL image, raw bytes, a data URL, or a local path/file:// URL."""
     if isinstance(source, Image.Image):
-        image = source.convert("RGB")
+        image = _convert_pil(source)
         header = f"{image.mode}:{image.size}".encode()
         mm_hash = hash_media(header + image.tobytes())
     else:
@@ -68,10 +76,12 @@ def load_image(source: ImageSource, allowed_local_media_path: Path | None = None
             data = _data_url_bytes(source)
         elif isinstance(source, Path) or (isinstance(source, str) and "://" not in source):
             data = _local_bytes(Path(source), allowed_local_media_path)
-        elif source.startswith("file://"):
+        elif isinstance(source, str) and source.startswith("file://"):
             data = _local_bytes(Path(source.removeprefix("file://")), allowed_local_media_path)
-        else:
+        elif isinstance(source, str):
             raise MediaError(f"unsupported image source {source[:40]!r}")
+        else:
+            raise MediaError(f"unsupported image source of type {type(source).__name__}")
         image = _decode(data)
         mm_hash = hash_media(data)
     if image.width == 0 or image.height == 0:

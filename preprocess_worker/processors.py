@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from transformers import AutoImageProcessor
 
-from mm_runtime.shared.errors import PreprocessError
+from mm_runtime.shared.errors import MediaError, PreprocessError
 from mm_runtime.shared.model_info import ModelInfo
 
 
@@ -28,7 +28,9 @@ class ImageProcessor:
     def __call__(self, image: Image.Image) -> ProcessedImage:
         try:
             out = self.hf_processor(images=[image], return_tensors="pt")
-        except (ValueError, RuntimeError, TypeError) as e:
+        except ValueError as e:  # the processor refuses this image (e.g. aspect ratio > 200)
+            raise MediaError(f"the image processor rejects a {image.size} image: {e}") from e
+        except (RuntimeError, TypeError) as e:
             raise PreprocessError(f"image processor failed on a {image.size} image: {e}") from e
         keys = ("pixel_values", "image_grid_thw")
         tensors = {k: out[k].contiguous() for k in keys if k in out}

@@ -4,6 +4,7 @@ Read once from config.json; an architecture we do not serve fails here with a cl
 before any weights are touched.
 """
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,15 +53,22 @@ class ModelInfo:
         if not (path / "config.json").is_file():
             raise ConfigError(f"{model_dir} is not a model directory (no config.json)")
         try:
+            raw = json.loads((path / "config.json").read_text())
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"cannot read {path / 'config.json'}: {e}") from e
+        # Checked on the raw JSON: a model_type transformers does not know either would
+        # otherwise fail in AutoConfig with a message that omits what we do serve.
+        model_type = raw.get("model_type") if isinstance(raw, dict) else None
+        if model_type not in IMAGE_PLACEHOLDERS:
+            architectures = raw.get("architectures") if isinstance(raw, dict) else None
+            raise ConfigError(
+                f"unsupported architecture {model_type!r} ({architectures});"
+                f" supported: {', '.join(sorted(IMAGE_PLACEHOLDERS))}"
+            )
+        try:
             config = AutoConfig.from_pretrained(path)
         except (ValueError, KeyError, OSError) as e:
             raise ConfigError(f"cannot read {path / 'config.json'}: {e}") from e
-        model_type = config.model_type
-        if model_type not in IMAGE_PLACEHOLDERS:
-            raise ConfigError(
-                f"unsupported architecture {model_type!r} ({getattr(config, 'architectures', '')});"
-                f" supported: {', '.join(sorted(IMAGE_PLACEHOLDERS))}"
-            )
         image_token_id = getattr(config, "image_token_id", None)
         if image_token_id is None:
             image_token_id = config.image_token_index

@@ -80,11 +80,16 @@ class TorchAttentionBackend(AttentionBackend):
         q_idx = torch.arange(max_q, device=device)  # [max_q]
         q_valid = q_idx[None, :] < query_lens[:, None]  # [num_reqs, max_q]
         q_abs = (meta.seq_lens - query_lens)[:, None] + q_idx[None, :]  # [num_reqs, max_q]
+        key_valid = key_pos[None, :] < meta.seq_lens[:, None]  # [num_reqs, max_s]
         mask = key_pos[None, None, :] <= q_abs[:, :, None]  # causal, [num_reqs, max_q, max_s]
-        mask &= key_pos[None, None, :] < meta.seq_lens[:, None, None]
+        mask &= key_valid[:, None, :]
         mask[:, :, 0] |= ~q_valid  # padded query rows see one key, so softmax has no NaN
-        flat_q = (meta.query_start_loc[:-1, None] + q_idx[None, :])[q_valid]  # [num_tokens]
-        return {"key_slots": key_slots, "mask": mask[:, None], "q_valid": q_valid, "flat_q": flat_q}
+        return {
+            "key_slots": key_slots,
+            "key_valid": key_valid[:, :, None, None],
+            "mask": mask[:, None],
+            "q_valid": q_valid,
+        }
 
     def forward(
         self,
@@ -105,6 +110,11 @@ class TorchAttentionBackend(AttentionBackend):
         padded_q[st["q_valid"]] = q
         keys = kv_cache[0].view(-1, num_kv_heads, head_dim)[st["key_slots"]]  # [R, S, Hkv, D]
         values = kv_cache[1].view(-1, num_kv_heads, head_dim)[st["key_slots"]]
+        # Slots past a request's seq_len are gathered only for padding: they hold stale K/V of
+        # freed blocks (or block 0). Masking alone is not enough, since NaN * 0 is NaN: a request
+        # that wrote NaN/inf there would leak into every later request padded over its blocks.
+        keys = keys.masked_fill(~st["key_valid"], 0.0)
+        values = values.masked_fill(~st["key_valid"], 0.0)
         groups = num_heads // num_kv_heads
         keys = keys.transpose(1, 2).repeat_interleave(groups, dim=1)  # [R, H, S, D]
         values = values.transpose(1, 2).repeat_interleave(groups, dim=1)
