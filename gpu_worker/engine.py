@@ -42,7 +42,7 @@ class EngineCore:
         self.info = ModelInfo.from_model_dir(config.model)
         self.max_model_len = config.max_model_len or self.info.max_position_embeddings
         self.runner = ModelRunner(config, self.info)
-        self.num_kv_blocks = self.runner.num_kv_blocks_to_allocate()
+        self.num_kv_blocks = self.runner.num_kv_blocks_to_allocate(self.max_model_len)
         self.runner.allocate_kv_cache(self.num_kv_blocks)
         self.kv = KVCacheManager(
             self.num_kv_blocks, config.block_size, config.enable_prefix_caching

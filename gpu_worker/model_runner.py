@@ -66,7 +66,10 @@ class ModelRunner:
         per_token = 2 * num_kv_heads * head_dim_of(text) * self.dtype.itemsize
         return per_token * self.config.block_size * text.num_hidden_layers
 
-    def num_kv_blocks_to_allocate(self) -> int:
+    def num_kv_blocks_to_allocate(self, max_model_len: int) -> int:
+        """Blocks that fit the memory budget, capped at what max_num_seqs full-length requests
+        can use (+1 null block): a small model on a big GPU would otherwise get millions of
+        blocks, and as many Python objects in the block pool for the GC to walk every step."""
         if self.config.num_kv_blocks is not None:
             return self.config.num_kv_blocks
         if self.device.type == "cuda":
@@ -75,7 +78,8 @@ class ModelRunner:
             budget = total_bytes * self.config.gpu_memory_utilization - used_bytes
         else:
             budget = self.config.kv_cache_memory_gb * 2**30
-        return max(2, int(budget // self.kv_block_bytes()))
+        usable = self.config.max_num_seqs * -(-max_model_len // self.config.block_size) + 1
+        return max(2, min(usable, int(budget // self.kv_block_bytes())))
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         text = self.model.config.get_text_config()

@@ -102,6 +102,9 @@ def test_scheduling_keeps_outputs(arch: str, config: str, tiny_models: dict[str,
         assert split_image_chunks(seen) > 0  # an image's range was split across chunks
     if config in ("tiny_kv_pool", "tiny_everything"):
         assert llm.engine.scheduler.num_preemptions > 0
+    max_num_seqs = llm.config.max_num_seqs
+    assert max(len(out.scheduled) for out in seen) <= max_num_seqs
+    assert max(out.num_batched_tokens for out in seen) <= llm.config.max_num_batched_tokens
     assert llm.engine.kv.num_free_blocks == llm.engine.num_kv_blocks - 1  # all freed (null block)
 
 
