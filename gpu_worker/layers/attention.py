@@ -16,6 +16,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+# cuDNN's SDPA builds a new execution plan for every new shape (~30 ms on an H100), and the
+# reference path's shapes change every step: keep to the kernels that need no plan.
+_SDPA_BACKENDS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
 
 
 @dataclass(slots=True)
@@ -118,9 +123,10 @@ class TorchAttentionBackend(AttentionBackend):
         groups = num_heads // num_kv_heads
         keys = keys.transpose(1, 2).repeat_interleave(groups, dim=1)  # [R, H, S, D]
         values = values.transpose(1, 2).repeat_interleave(groups, dim=1)
-        out = F.scaled_dot_product_attention(
-            padded_q.transpose(1, 2), keys, values, attn_mask=st["mask"], scale=scale
-        )  # [R, H, Q, D]
+        with sdpa_kernel(_SDPA_BACKENDS):
+            out = F.scaled_dot_product_attention(
+                padded_q.transpose(1, 2), keys, values, attn_mask=st["mask"], scale=scale
+            )  # [R, H, Q, D]
         return out.transpose(1, 2)[st["q_valid"]]  # [num_tokens, H, D]
 
 
