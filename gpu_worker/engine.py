@@ -96,10 +96,11 @@ class EngineCore:
             raise InvalidRequest(f"prompt token ids must be in [0, {vocab_size})")
         max_len = min(num_prompt + request.sampling_params.max_tokens, self.max_model_len)
         needed_blocks = -(-max_len // self.config.block_size)
-        if needed_blocks > self.num_kv_blocks:
+        usable_blocks = self.num_kv_blocks - 1  # block 0 is the null block
+        if needed_blocks > usable_blocks:
             raise InvalidRequest(
                 f"the request needs {needed_blocks} KV blocks ({max_len} tokens) but the cache "
-                f"holds only {self.num_kv_blocks}; lower max_tokens or the prompt length"
+                f"holds only {usable_blocks}; lower max_tokens or the prompt length"
             )
         end = 0
         for item in sorted(request.mm_items, key=lambda it: it.placeholder.offset):
@@ -118,7 +119,9 @@ class EngineCore:
                 )
             end = offset + length
 
-    def abort_request(self, req_id: str, status: RequestStatus = RequestStatus.FINISHED_ABORTED):
+    def abort_request(
+        self, req_id: str, status: RequestStatus = RequestStatus.FINISHED_ABORTED
+    ) -> None:
         req = self.requests.pop(req_id, None)
         if req is not None:
             self.scheduler.finish(req, status)
