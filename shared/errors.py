@@ -56,6 +56,13 @@ class EngineDead(MMRuntimeError):
     http_status = 503
 
 
+class ProtocolError(MMRuntimeError):
+    """A message on a socket is malformed (garbage, wrong version, tensor sizes that disagree)."""
+
+    code = "protocol_error"
+    http_status = 400
+
+
 class ConfigError(MMRuntimeError):
     """A configuration value or model directory cannot be served."""
 

@@ -1,8 +1,16 @@
-"""What crosses a process boundary: the request the GPU worker consumes and what it sends back.
+"""What crosses a process boundary, defined once: every message of every socket.
 
-msgspec structs, so the multi-process runtime can send them as msgpack; tensors are fields typed
-`torch.Tensor`, which the ZMQ layer moves as out-of-band frames. The in-process `LLM` passes the
-same objects without serializing them.
+msgspec structs sent as msgpack by `shared/zmq_io.py`; tensors are fields typed `torch.Tensor`,
+which travel as out-of-band ZMQ frames. Each socket carries one tagged union of map-encoded
+structs (msgspec unions cannot mix in array-like ones); `PROTOCOL_VERSION` is checked on every
+message. The in-process `LLM` passes the same objects without serializing them.
+
+Sockets (DESIGN.md section 4):
+- SDK clients (DEALER) <-> frontend (ROUTER, TCP): `ClientMessage` in, `FrontendReply` out.
+- frontend (PUSH) -> GPU worker (PULL): `GpuWorkerInput`, one ordered channel, so the feature
+  cache operations carried in `AddRequest`s are applied in the order the mirror applied them.
+- GPU worker (PUSH) -> frontend (PULL): `GpuWorkerOutput`.
+- frontend (ROUTER) <-> preprocess workers (DEALER): `PreprocessJob` out, `PreprocessReply` in.
 """
 
 import msgspec
@@ -11,6 +19,16 @@ import torch
 from mm_runtime.shared.errors import InvalidRequest
 
 PROTOCOL_VERSION = 1
+
+
+class TensorRef(msgspec.Struct, array_like=True, frozen=True):
+    """How a tensor field travels: dtype and shape here, the bytes in frame `frame` of the
+    multipart message (or inline in `data` when small)."""
+
+    dtype: str
+    shape: list[int]
+    frame: int  # index among the message's tensor frames; -1 when inline
+    data: bytes | None = None
 
 
 class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -60,13 +78,15 @@ class MMItem(msgspec.Struct, kw_only=True):
     """One preprocessed media item of a request.
 
     `tensors` are the HF processor's outputs for this item alone (e.g. `pixel_values`, and
-    `image_grid_thw` for Qwen2-VL); `mm_hash` keys the encoder cache and the prefix cache.
+    `image_grid_thw` for Qwen2-VL); `mm_hash` keys the encoder cache, the prefix cache and the
+    feature cache. On the frontend -> GPU worker channel, `tensors` is None for a feature-cache
+    hit: the GPU worker fills it from its cache on arrival (DESIGN.md section 3).
     """
 
     modality: str
     mm_hash: str
     placeholder: PlaceholderRange
-    tensors: dict[str, torch.Tensor]
+    tensors: dict[str, torch.Tensor] | None = None
 
 
 class EngineRequest(msgspec.Struct, kw_only=True):
@@ -108,3 +128,170 @@ class EngineOutput(msgspec.Struct, kw_only=True):
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+
+class Usage(msgspec.Struct, array_like=True, frozen=True):
+    prompt_tokens: int  # media placeholder tokens included
+    completion_tokens: int
+
+
+# ---- SDK client <-> frontend -------------------------------------------------------------------
+
+
+class TextPart(msgspec.Struct, tag_field="type", tag="text", frozen=True):
+    text: str
+
+
+class ImageURL(msgspec.Struct, frozen=True):
+    url: str  # data URL, file:// URL or local path (under --allowed-local-media-path)
+
+
+class ImageURLPart(msgspec.Struct, tag_field="type", tag="image_url", frozen=True):
+    image_url: ImageURL
+
+
+class ImageBytesPart(msgspec.Struct, tag_field="type", tag="image_bytes", frozen=True):
+    """Raw encoded image bytes (PNG, JPEG, ...): what the SDK sends for PIL images and paths."""
+
+    data: bytes
+
+
+ContentPart = TextPart | ImageURLPart | ImageBytesPart
+
+
+class ChatMessage(msgspec.Struct, frozen=True):
+    role: str
+    content: str | list[ContentPart]
+
+
+class GenerateRequest(msgspec.Struct, tag="generate", kw_only=True):
+    """A completion (`prompt` + `images`, one placeholder per image in the prompt) or a chat
+    (`messages`, images as content parts). Exactly one of prompt / messages."""
+
+    req_id: str  # unique per client connection
+    prompt: str | None = None
+    images: list[bytes] = msgspec.field(default_factory=list)
+    messages: list[ChatMessage] | None = None
+    sampling_params: SamplingParams = msgspec.field(default_factory=SamplingParams)
+    stream: bool = False
+
+
+class AbortRequest(msgspec.Struct, tag="abort"):
+    req_id: str
+
+
+class HealthRequest(msgspec.Struct, tag="health"):
+    pass
+
+
+ClientMessage = GenerateRequest | AbortRequest | HealthRequest
+
+
+class RequestDelta(msgspec.Struct, tag="delta", kw_only=True, omit_defaults=True):
+    """New output of a request: when streaming, each step's delta; otherwise one final message
+    with everything. `finish_reason` set on the last one, which also carries `usage`."""
+
+    req_id: str
+    text: str
+    token_ids: list[int]
+    logprobs: list[TokenLogprobs] | None = None
+    finish_reason: str | None = None
+    usage: Usage | None = None
+
+
+class RequestFailed(msgspec.Struct, tag="failed"):
+    req_id: str
+    error: ErrorInfo
+
+
+class HealthReply(msgspec.Struct, tag="health_reply", kw_only=True):
+    ok: bool
+    # Counters and gauges of every process, by metric name (DESIGN.md section 6 names).
+    stats: dict[str, float]
+
+
+FrontendReply = RequestDelta | RequestFailed | HealthReply
+
+
+# ---- frontend -> GPU worker --------------------------------------------------------------------
+
+
+class AddRequest(msgspec.Struct, tag="add", kw_only=True):
+    """A tokenized request. `feature_epoch`: the mirror generation its cache operations were
+    decided in; the GPU worker applies them only in the same generation (see FeatureCacheReset)."""
+
+    request: EngineRequest
+    feature_epoch: int
+
+
+class AbortRequests(msgspec.Struct, tag="abort"):
+    req_ids: list[str]
+
+
+class StatsRequest(msgspec.Struct, tag="stats_request"):
+    query_id: int
+
+
+class Shutdown(msgspec.Struct, tag="shutdown"):
+    pass
+
+
+GpuWorkerInput = AddRequest | AbortRequests | StatsRequest | Shutdown
+
+
+# ---- GPU worker -> frontend --------------------------------------------------------------------
+
+
+class WorkerReady(msgspec.Struct, tag="ready", kw_only=True):
+    max_model_len: int
+    num_kv_blocks: int
+    device: str
+    dtype: str
+
+
+class StepOutputs(msgspec.Struct, tag="outputs"):
+    outputs: list[EngineOutput]
+
+
+class FeatureCacheReset(msgspec.Struct, tag="reset"):
+    """The GPU worker lacked features it was told it held: it emptied its cache and starts
+    generation `epoch`; the frontend empties its mirror and tags later requests with it."""
+
+    epoch: int
+
+
+class WorkerStats(msgspec.Struct, tag="stats", kw_only=True):
+    query_id: int
+    stats: dict[str, float]
+    feature_cache_keys: list[str]  # for tests that compare both sides of the cache
+
+
+GpuWorkerOutput = WorkerReady | StepOutputs | FeatureCacheReset | WorkerStats
+
+
+# ---- frontend <-> preprocess workers -----------------------------------------------------------
+
+
+class PreprocessJob(msgspec.Struct, tag="job"):
+    job_id: int
+    modality: str
+    data: bytes  # the encoded media, decoded in the worker
+
+
+class PreprocessResult(msgspec.Struct, tag="result", kw_only=True):
+    job_id: int
+    tensors: dict[str, torch.Tensor]
+    num_tokens: int  # placeholder tokens this item expands to
+    seconds: float  # decode + processor time, for mm_runtime_preprocess_seconds
+
+
+class PreprocessFailed(msgspec.Struct, tag="failed"):
+    job_id: int
+    error: ErrorInfo
+
+
+class PreprocessReady(msgspec.Struct, tag="ready"):
+    pid: int
+
+
+PreprocessReply = PreprocessResult | PreprocessFailed | PreprocessReady
