@@ -5,7 +5,7 @@ PIP := $(PYTHON) -m pip
 # Exactly these: a looser range downloads a multi-GB CUDA build (see README).
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install test lint bench
+.PHONY: install test lint serve bench
 
 install:
 	@$(PYTHON) -c "import torch, torchvision" 2>/dev/null || $(PIP) install -q $(TORCH_PINS)
@@ -16,6 +16,10 @@ install:
 
 test: install
 	$(PYTHON) -m pytest -q -x
+
+# The server on the tiny demo model (random answers) unless ARGS names one: make serve ARGS="--model DIR"
+serve: install
+	$(PYTHON) -m mm_runtime.cli serve $(ARGS)
 
 lint:
 	ruff format --check .

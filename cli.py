@@ -7,10 +7,11 @@ MM_RUNTIME_LOG_LEVEL, the runtime's only environment variable).
 
 import argparse
 import logging
-import os
 from collections.abc import Callable
 
+from mm_runtime.shared.config import FrontendConfig, GpuWorkerConfig, parse_limit_mm_per_prompt
 from mm_runtime.shared.errors import MMRuntimeError
+from mm_runtime.shared.logs import setup_process_logging
 from mm_runtime.shared.tiny_models import ARCHS, write_tiny_model
 
 logger = logging.getLogger(__name__)
@@ -35,13 +36,13 @@ def _build_parser() -> argparse.ArgumentParser:
         prog="mm-runtime", description="A serving runtime for multimodal language models."
     )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_serve(subparsers)
     _add_make_tiny_model(subparsers)
     return parser
 
 
 def _setup_logging() -> None:
-    level = os.environ.get("MM_RUNTIME_LOG_LEVEL", "INFO").upper()
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_process_logging("frontend")
 
 
 def _add_make_tiny_model(subparsers: argparse._SubParsersAction) -> None:
@@ -75,3 +76,73 @@ def _cmd_make_tiny_model(args: argparse.Namespace) -> int:
     )
     logger.info("wrote tiny %s model to %s", args.arch, out)
     return 0
+
+
+def _add_serve(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "serve",
+        help="start the server (frontend, preprocess workers, GPU worker)",
+        description="Serve a model to the ZMQ SDK (mm_runtime.Client). Without --model, serves "
+        "a tiny random-weight demo model: it proves the pipeline, its answers are random.",
+    )
+    p.add_argument("--model", default=None, help="Hugging Face model directory (default: demo)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port (OpenAI API)")
+    p.add_argument("--zmq-port", type=int, default=5570, help="SDK port")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
+    p.add_argument("--preprocess-workers", type=int, default=2)
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--kv-cache-memory-gb", type=float, default=1.0, help="KV pool size on CPU")
+    p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--feature-cache-gb", type=float, default=4.0)
+    p.add_argument("--encoder-cache-tokens", type=int, default=None)
+    p.add_argument("--limit-mm-per-prompt", default="image=4", help="e.g. image=4")
+    p.add_argument("--allowed-local-media-path", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(handler=_cmd_serve)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from mm_runtime.launcher import serve  # heavy imports only for this subcommand
+    from mm_runtime.shared.tiny_models import tiny_model_dir
+
+    model = args.model
+    if model is None:
+        model = str(tiny_model_dir("qwen2_vl"))
+        logger.warning("no --model: serving the tiny demo model %s (random answers)", model)
+    frontend_config = FrontendConfig(
+        model=model,
+        host=args.host,
+        port=args.port,
+        zmq_port=args.zmq_port,
+        preprocess_workers=args.preprocess_workers,
+        feature_cache_gb=args.feature_cache_gb,
+        allowed_local_media_path=args.allowed_local_media_path,
+        limit_mm_per_prompt=parse_limit_mm_per_prompt(args.limit_mm_per_prompt),
+    )
+    gpu_config = GpuWorkerConfig(
+        model=model,
+        device=args.device,
+        dtype=args.dtype,
+        load_format=args.load_format,
+        max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        block_size=args.block_size,
+        kv_cache_memory_gb=args.kv_cache_memory_gb,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        enable_prefix_caching=not args.no_prefix_caching,
+        encoder_cache_tokens=args.encoder_cache_tokens,
+        seed=args.seed,
+    )
+    return serve(frontend_config, gpu_config)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

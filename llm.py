@@ -9,14 +9,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from PIL import Image
 from tqdm import tqdm
 
 from mm_runtime.frontend.detokenizer import IncrementalDetokenizer
-from mm_runtime.frontend.media import load_image
+from mm_runtime.frontend.media import hash_pil_image, load_image_bytes
 from mm_runtime.frontend.prompt import ImageRef, PromptBuilder
 from mm_runtime.gpu_worker.engine import EngineCore
 from mm_runtime.gpu_worker.request import RequestStatus
-from mm_runtime.preprocess_worker.processors import ImageProcessor
+from mm_runtime.preprocess_worker.processors import ImageProcessor, convert_image, decode_image
 from mm_runtime.shared.config import GpuWorkerConfig
 from mm_runtime.shared.errors import InvalidRequest
 from mm_runtime.shared.wire import EngineOutput, EngineRequest, MMItem, SamplingParams
@@ -111,14 +112,14 @@ class LLM:
     ) -> EngineRequest:
         """Tokenizes a prompt and processes its images; raises on bad input, changes nothing."""
         text, images = _split_prompt(prompt)
-        loaded = [load_image(image) for image in images]
-        processed = [self.image_processor(item.image) for item in loaded]
+        loaded = [_load_image(image) for image in images]  # all, before any processing
+        processed = [self.image_processor(image) for image, _ in loaded]
         token_ids, ranges = self.prompts.tokenize(
             text, [p.num_tokens for p in processed], add_special_tokens
         )
         mm_items = [
-            MMItem(modality="image", mm_hash=li.mm_hash, placeholder=r, tensors=p.tensors)
-            for li, p, r in zip(loaded, processed, ranges, strict=True)
+            MMItem(modality="image", mm_hash=mm_hash, placeholder=r, tensors=p.tensors)
+            for (_, mm_hash), p, r in zip(loaded, processed, ranges, strict=True)
         ]
         return EngineRequest(
             req_id=req_id if req_id is not None else str(next(self._req_ids)),
@@ -212,6 +213,16 @@ class LLM:
         return p.output.finished
 
 
+def _load_image(source: object) -> tuple[Image.Image, str]:
+    """One image of a prompt -> (RGB image, mm_hash): the frontend's loading and hashing, then
+    the preprocess worker's decoding. A PIL image is hashed over its (RGB) pixels."""
+    if isinstance(source, Image.Image):
+        image = convert_image(source)
+        return image, hash_pil_image(image)
+    data, mm_hash = load_image_bytes(source)  # type: ignore[arg-type]  # it names a bad type
+    return decode_image(data), mm_hash
+
+
 def _split_prompt(prompt: Prompt) -> tuple[str, list[ImageRef]]:
     if isinstance(prompt, str):
         return prompt, []
@@ -223,7 +234,7 @@ def _split_prompt(prompt: Prompt) -> tuple[str, list[ImageRef]]:
         raise InvalidRequest(f"unsupported modalities {sorted(unknown)}; this model takes image")
     images = data.get("image", [])
     if not isinstance(images, list | tuple):
-        images = [images]  # one item; load_image names what is wrong with it, if anything
+        images = [images]  # one item; _load_image names what is wrong with it, if anything
     return prompt["prompt"], list(images)
 
 

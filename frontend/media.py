@@ -1,44 +1,54 @@
-"""Media loading for the frontend: data URLs, bytes, local files, PIL images -> RGB image + hash.
+"""Media loading for the frontend: data URLs, bytes, local files -> the raw encoded bytes + hash.
 
-Every failure becomes a `MediaError` naming the problem (corrupt bytes, an empty image, a path
-outside the allowed folder), so a bad image fails its own request and nothing else.
+The frontend never decodes: it only finds an item's bytes and hashes them (DESIGN.md section 2);
+a preprocess worker decodes them (`preprocess_worker/processors.py`). Bytes that are not an image
+therefore pass here and fail there, as their own request's `MediaError`. What fails here is the
+source itself (a malformed data URL, a path outside the allowed folder, an unreadable file).
+
+A PIL image has no raw bytes: only the in-process `LLM` is given one, and hashes its pixels with
+`hash_pil_image`. (The SDK encodes PIL images to bytes before sending them.)
 """
 
 import base64
 import binascii
-import io
-from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from mm_runtime.shared.errors import MediaError
 from mm_runtime.shared.hashing import hash_media
 
-ImageSource = Image.Image | bytes | str | Path
+ImageSource = bytes | str | Path  # raw bytes, a data URL, a local path or a file:// URL
 
 
-@dataclass(frozen=True, slots=True)
-class LoadedImage:
-    image: Image.Image  # RGB, fully decoded
-    mm_hash: str  # over the raw bytes (or decoded pixels, for a PIL image given directly)
+def load_image_bytes(
+    source: ImageSource, allowed_local_media_path: Path | None = None
+) -> tuple[bytes, str]:
+    """Returns one image's encoded bytes, undecoded, and its mm_hash (over those bytes).
+
+    Local paths (plain or file://) are read only from under `allowed_local_media_path`.
+    """
+    if isinstance(source, bytes):
+        data = source
+    elif isinstance(source, str) and source.startswith("data:"):
+        data = _data_url_bytes(source)
+    elif isinstance(source, Path) or (isinstance(source, str) and "://" not in source):
+        data = _local_bytes(Path(source), allowed_local_media_path)
+    elif isinstance(source, str) and source.startswith("file://"):
+        data = _local_bytes(Path(source.removeprefix("file://")), allowed_local_media_path)
+    elif isinstance(source, str):
+        raise MediaError(f"unsupported image source {source[:40]!r}")
+    else:
+        raise MediaError(f"unsupported image source of type {type(source).__name__}")
+    return data, hash_media(data)
 
 
-def _decode(data: bytes) -> Image.Image:
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            img.load()  # decode now: a truncated file fails here, not in the processor
-            return img.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
-        raise MediaError(f"cannot decode image ({len(data)} bytes): {e}") from e
-
-
-def _convert_pil(image: Image.Image) -> Image.Image:
-    try:
-        # A lazily opened image (Image.open) decodes here: a truncated file fails now.
-        return image.convert("RGB")
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise MediaError(f"cannot decode image ({image.width}x{image.height}): {e}") from e
+def hash_pil_image(image: Image.Image) -> str:
+    """The mm_hash of an image given as pixels: over mode, size and the raw pixel bytes (the size
+    is in the header so one buffer laid out in two shapes hashes apart). Hash the image exactly
+    as it will be processed (the `LLM` passes the RGB conversion)."""
+    header = f"{image.mode}:{image.size}".encode()
+    return hash_media(header + image.tobytes())
 
 
 def _data_url_bytes(url: str) -> bytes:
@@ -61,29 +71,3 @@ def _local_bytes(path: Path, allowed_local_media_path: Path | None) -> bytes:
         return resolved.read_bytes()
     except OSError as e:
         raise MediaError(f"cannot read {path}: {e}") from e
-
-
-def load_image(source: ImageSource, allowed_local_media_path: Path | None = None) -> LoadedImage:
-    """Loads one image from a PIL image, raw bytes, a data URL, or a local path/file:// URL."""
-    if isinstance(source, Image.Image):
-        image = _convert_pil(source)
-        header = f"{image.mode}:{image.size}".encode()
-        mm_hash = hash_media(header + image.tobytes())
-    else:
-        if isinstance(source, bytes):
-            data = source
-        elif isinstance(source, str) and source.startswith("data:"):
-            data = _data_url_bytes(source)
-        elif isinstance(source, Path) or (isinstance(source, str) and "://" not in source):
-            data = _local_bytes(Path(source), allowed_local_media_path)
-        elif isinstance(source, str) and source.startswith("file://"):
-            data = _local_bytes(Path(source.removeprefix("file://")), allowed_local_media_path)
-        elif isinstance(source, str):
-            raise MediaError(f"unsupported image source {source[:40]!r}")
-        else:
-            raise MediaError(f"unsupported image source of type {type(source).__name__}")
-        image = _decode(data)
-        mm_hash = hash_media(data)
-    if image.width == 0 or image.height == 0:
-        raise MediaError(f"image has no pixels ({image.width}x{image.height})")
-    return LoadedImage(image, mm_hash)

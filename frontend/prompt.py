@@ -16,7 +16,7 @@ from mm_runtime.shared.errors import InvalidRequest
 from mm_runtime.shared.model_info import ModelInfo
 from mm_runtime.shared.wire import PlaceholderRange
 
-ImageRef = Image.Image | str  # a PIL image or a URL (data URL, file path)
+ImageRef = Image.Image | str | bytes  # a PIL image, a URL (data URL, file path) or raw bytes
 
 
 class PromptBuilder:
@@ -88,7 +88,7 @@ class PromptBuilder:
                 kind = part.get("type") if isinstance(part, dict) else None
                 if kind == "text":
                     parts.append({"type": "text", "text": part["text"]})
-                elif kind in ("image_url", "image", "image_pil"):
+                elif kind in ("image_url", "image", "image_pil", "image_bytes"):
                     images.append(_image_ref(part))
                     parts.append({"type": "image"})
                 else:
@@ -107,6 +107,6 @@ def _image_ref(part: dict[str, Any]) -> ImageRef:
     value = part.get(part["type"])
     if part["type"] == "image_url":
         value = value.get("url") if isinstance(value, dict) else value
-    if isinstance(value, Image.Image | str):
+    if isinstance(value, Image.Image | str | bytes):
         return value
-    raise InvalidRequest(f"a {part['type']} part needs a PIL image or a URL string")
+    raise InvalidRequest(f"a {part['type']} part needs a PIL image, a URL string or bytes")

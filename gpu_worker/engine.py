@@ -129,6 +129,22 @@ class EngineCore:
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
 
+    def stats(self) -> dict[str, float]:
+        """Counters and gauges, by the metric names of DESIGN.md section 6 where one exists."""
+        return {
+            "mm_runtime_requests_running": len(self.scheduler.running),
+            "mm_runtime_requests_waiting": len(self.scheduler.waiting),
+            "mm_runtime_kv_cache_usage_ratio": self.kv.usage,
+            "mm_runtime_prefix_cache_queries_tokens_total": self.kv.prefix_cache_queries_tokens,
+            "mm_runtime_prefix_cache_hits_tokens_total": self.kv.prefix_cache_hits_tokens,
+            "mm_runtime_encoder_cache_hits_total": self.encoder_cache.hits,
+            "mm_runtime_encoder_cache_misses_total": self.encoder_cache.misses,
+            "kv_num_blocks": self.num_kv_blocks,
+            "kv_num_free_blocks": self.kv.num_free_blocks,
+            "num_preemptions": self.scheduler.num_preemptions,
+            "num_encoded_items": self.runner.num_encoded_items,
+        }
+
     # ---- one step ----
 
     def step(self) -> list[EngineOutput]:

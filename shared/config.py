@@ -1,6 +1,6 @@
 """One frozen config object per process, built once from the CLI or the `LLM(...)` arguments."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from mm_runtime.shared.errors import ConfigError
 
@@ -50,3 +50,42 @@ class GpuWorkerConfig:
     @property
     def encoder_budget_per_step(self) -> int:
         return self.max_encoder_tokens_per_step or self.max_num_batched_tokens
+
+
+@dataclass(frozen=True, slots=True)
+class FrontendConfig:
+    """The frontend process: sockets, media limits, the feature-cache mirror, its workers."""
+
+    model: str
+    host: str = "127.0.0.1"
+    port: int = 8000  # HTTP (OpenAI API), with the HTTP issue
+    zmq_port: int = 5570  # the SDK's ROUTER socket
+    preprocess_workers: int = 2
+    feature_cache_gb: float = 4.0  # both sides of the mirrored feature cache
+    allowed_local_media_path: str | None = None
+    limit_mm_per_prompt: dict[str, int] = field(default_factory=lambda: {"image": 4})
+    ready_timeout_s: float = 900.0  # model loading on the GPU worker
+
+    def __post_init__(self) -> None:
+        if self.preprocess_workers < 1:
+            raise ConfigError("preprocess_workers must be >= 1")
+        if self.feature_cache_gb < 0:
+            raise ConfigError("feature_cache_gb must be >= 0")
+        for port in (self.port, self.zmq_port):
+            if not 0 <= port < 65536:
+                raise ConfigError(f"port {port} out of range")
+
+    @property
+    def feature_cache_bytes(self) -> int:
+        return int(self.feature_cache_gb * 2**30)
+
+
+def parse_limit_mm_per_prompt(text: str) -> dict[str, int]:
+    """`image=4,video=1` -> {"image": 4, "video": 1}."""
+    limits: dict[str, int] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, sep, value = part.partition("=")
+        if not sep or not value.strip().isdigit():
+            raise ConfigError(f"--limit-mm-per-prompt wants modality=N[,...], got {text!r}")
+        limits[name.strip()] = int(value)
+    return limits

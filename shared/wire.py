@@ -170,7 +170,7 @@ class GenerateRequest(msgspec.Struct, tag="generate", kw_only=True):
 
     req_id: str  # unique per client connection
     prompt: str | None = None
-    images: list[bytes] = msgspec.field(default_factory=list)
+    images: list[ImageBytesPart | ImageURLPart] = msgspec.field(default_factory=list)
     messages: list[ChatMessage] | None = None
     sampling_params: SamplingParams = msgspec.field(default_factory=SamplingParams)
     stream: bool = False
@@ -210,7 +210,12 @@ class HealthReply(msgspec.Struct, tag="health_reply", kw_only=True):
     stats: dict[str, float]
 
 
-FrontendReply = RequestDelta | RequestFailed | HealthReply
+class Ping(msgspec.Struct, tag="ping"):
+    """Sent now and then to clients with requests in flight: a client that went away makes the
+    send fail (ROUTER_MANDATORY), which aborts its requests. Clients ignore it."""
+
+
+FrontendReply = RequestDelta | RequestFailed | HealthReply | Ping
 
 
 # ---- frontend -> GPU worker --------------------------------------------------------------------

@@ -21,7 +21,7 @@ import msgspec
 import torch
 import zmq
 
-from mm_runtime.shared.errors import ProtocolError
+from mm_runtime.shared.errors import InvalidRequest, ProtocolError
 from mm_runtime.shared.wire import PROTOCOL_VERSION, TensorRef
 
 # Received frames are read-only; the tensors rebuilt on them are only ever read.
@@ -82,7 +82,11 @@ class MessageCodec:
         self._in_frames = views[2:]
         try:
             return self._decoder.decode(views[1])
-        except (msgspec.DecodeError, msgspec.ValidationError) as e:
+        # Beyond DecodeError, msgspec lets through UnicodeDecodeError (invalid UTF-8 in a str)
+        # and RecursionError (~1000 levels of a skipped unknown field fit in a few KB); a
+        # struct's __post_init__ raises InvalidRequest (e.g. max_tokens 0) before any req_id
+        # is known to answer to.
+        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError, InvalidRequest) as e:
             raise ProtocolError(f"malformed message: {e}") from e
         finally:
             self._in_frames = []

@@ -58,3 +58,61 @@ def hf_greedy(
     with torch.inference_mode():
         out = model.generate(**inputs, generation_config=config)
     return out[0, inputs["input_ids"].shape[1] :].tolist()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RunningServer:
+    """The real server (frontend in a background event loop of this process, GPU and preprocess
+    workers as child processes), so tests can also look inside the frontend."""
+
+    def __init__(self, model_dir: str | Path, **gpu_kwargs: object) -> None:
+        import asyncio
+        import threading
+
+        from mm_runtime.launcher import build_frontend
+        from mm_runtime.shared.config import FrontendConfig, GpuWorkerConfig
+
+        frontend_kwargs = {
+            k: gpu_kwargs.pop(k)
+            for k in ("preprocess_workers", "feature_cache_gb", "limit_mm_per_prompt")
+            if k in gpu_kwargs
+        }
+        self.port = free_port()
+        self.frontend = build_frontend(
+            FrontendConfig(model=str(model_dir), zmq_port=self.port, **frontend_kwargs),
+            GpuWorkerConfig(model=str(model_dir), device="cpu", **gpu_kwargs),
+        )
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        try:
+            self.call(self.frontend.start(), timeout_s=300)
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def address(self) -> str:
+        return f"tcp://127.0.0.1:{self.port}"
+
+    def call(self, coro: object, timeout_s: float = 60) -> object:
+        import asyncio
+
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout_s)
+
+    def stats(self) -> dict[str, float]:
+        ok, stats, _ = self.call(self.frontend.stats())
+        assert ok
+        return stats
+
+    def close(self) -> None:
+        self.call(self.frontend.close())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)

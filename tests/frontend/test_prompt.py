@@ -15,9 +15,9 @@ from mm_testing import ARCHS, prompt_text, random_image
 from PIL import Image
 from transformers import AutoProcessor
 
-from mm_runtime.frontend.media import load_image
+from mm_runtime.frontend.media import load_image_bytes
 from mm_runtime.frontend.prompt import PromptBuilder
-from mm_runtime.preprocess_worker.processors import ImageProcessor
+from mm_runtime.preprocess_worker.processors import ImageProcessor, convert_image, decode_image
 from mm_runtime.shared.errors import InvalidRequest
 from mm_runtime.shared.model_info import IMAGE_PLACEHOLDERS, ModelInfo
 from mm_runtime.shared.wire import PlaceholderRange
@@ -197,7 +197,12 @@ def test_chat_prompt_ids_match_hf(frontend: Frontend) -> None:
     """End to end in the frontend: template, load each image (the data URL too), expand,
     tokenize without adding a second BOS; HF's processor on the same text and pixels agrees."""
     text, refs = frontend.prompts.apply_chat_template(conversation())
-    loaded = [load_image(ref).image for ref in refs]
+    loaded = [
+        convert_image(ref)
+        if isinstance(ref, Image.Image)
+        else decode_image(load_image_bytes(ref)[0])
+        for ref in refs
+    ]
     num_tokens = frontend.num_tokens(loaded)
     ids, ranges = frontend.prompts.tokenize(text, num_tokens, add_special_tokens=False)
     hf_text = hf_template(frontend, as_hf(conversation()), True)

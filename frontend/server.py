@@ -1,0 +1,456 @@
+"""The frontend process: SDK requests in, tokens out, media through the feature-cache mirror.
+
+One asyncio loop (DESIGN.md sections 1-3): the SDK's ROUTER socket, the channel to the GPU
+worker, its output channel, and the preprocess pool. Per request: chat template, media loading
+and hashing, then preprocessing of the items the GPU worker does not hold (one job per hash
+however many requests wait for it), then, synchronously with the send so the mirror's operation
+order is the channel's, the hit/miss decisions, placeholder expansion and the `AddRequest`.
+Outputs are detokenized incrementally (stop strings abort the request in the GPU worker) and
+streamed back. A client that goes away has its requests aborted (ROUTER_NOTIFY).
+"""
+
+import asyncio
+import itertools
+import logging
+import time
+from dataclasses import dataclass, field
+from multiprocessing.process import BaseProcess
+from pathlib import Path
+
+import msgspec
+import zmq
+import zmq.asyncio
+
+from mm_runtime.frontend.detokenizer import IncrementalDetokenizer
+from mm_runtime.frontend.feature_cache import FeatureCacheMirror
+from mm_runtime.frontend.media import load_image_bytes
+from mm_runtime.frontend.preprocess_pool import PreprocessPool
+from mm_runtime.frontend.prompt import PromptBuilder
+from mm_runtime.shared.config import FrontendConfig
+from mm_runtime.shared.errors import EngineDead, InvalidRequest, MMRuntimeError, ProtocolError
+from mm_runtime.shared.model_info import ModelInfo
+from mm_runtime.shared.wire import (
+    AbortRequest,
+    AbortRequests,
+    AddRequest,
+    ChatMessage,
+    ClientMessage,
+    EngineOutput,
+    EngineRequest,
+    ErrorInfo,
+    FeatureCacheReset,
+    GenerateRequest,
+    GpuWorkerOutput,
+    HealthReply,
+    HealthRequest,
+    ImageBytesPart,
+    ImageURLPart,
+    MMItem,
+    Ping,
+    PreprocessResult,
+    RequestDelta,
+    RequestFailed,
+    Shutdown,
+    StatsRequest,
+    StepOutputs,
+    TextPart,
+    Usage,
+    WorkerReady,
+    WorkerStats,
+)
+from mm_runtime.shared.zmq_io import IpcPaths, MessageCodec, send
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class _Client:
+    """One in-flight request of an SDK client."""
+
+    identity: bytes  # the client's ROUTER routing id
+    req_id: str  # the client's id for it
+    stream: bool
+    num_prompt_tokens: int
+    detokenizer: IncrementalDetokenizer
+    token_ids: list[int] = field(default_factory=list)
+    arrival_s: float = field(default_factory=time.monotonic)
+    first_token_s: float | None = None
+
+
+class Frontend:
+    def __init__(
+        self,
+        config: FrontendConfig,
+        ipc: IpcPaths,
+        gpu_process: BaseProcess,
+        pool: PreprocessPool,
+    ) -> None:
+        self.config = config
+        self.ipc = ipc
+        self.gpu_process = gpu_process
+        self.pool = pool
+        self.info = ModelInfo.from_model_dir(config.model)
+        self.prompts = PromptBuilder(self.info)
+        self.mirror = FeatureCacheMirror(config.feature_cache_bytes)
+        self.ctx = zmq.asyncio.Context()
+        self.requests: dict[str, _Client] = {}  # engine req_id -> client request
+        self._inflight_jobs: dict[str, asyncio.Task[PreprocessResult]] = {}  # mm_hash -> job
+        self._stats_waiters: dict[int, asyncio.Future[WorkerStats]] = {}  # query_id -> reply
+        self._ids = itertools.count()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.worker_info: WorkerReady | None = None
+        self.exit_code = 0
+        self.stopped = asyncio.Event()
+        self.counters = {
+            "mm_runtime_preprocess_jobs_total": 0.0,
+            "mm_runtime_preprocess_seconds_total": 0.0,
+            "mm_runtime_requests_total": 0.0,
+            "mm_runtime_request_errors_total": 0.0,
+            "mm_runtime_time_to_first_token_seconds_sum": 0.0,
+            "mm_runtime_time_to_first_token_seconds_count": 0.0,
+        }
+
+    # ---- life cycle ----
+
+    async def start(self) -> WorkerReady:
+        """Binds the internal sockets, starts the workers, waits for the GPU worker's Ready,
+        then opens the SDK socket. Raises EngineDead if the GPU worker dies while loading."""
+        self.gpu_in = self.ctx.socket(zmq.PUSH)
+        self.gpu_in.bind(self.ipc.gpu_input)
+        self.gpu_out = self.ctx.socket(zmq.PULL)
+        self.gpu_out.bind(self.ipc.gpu_output)
+        self.gpu_in_codec = MessageCodec()
+        self.gpu_out_codec = MessageCodec(GpuWorkerOutput)
+        self.gpu_process.start()
+        await self.pool.start()
+        self.worker_info = await self._wait_ready()
+        self.sdk = self.ctx.socket(zmq.ROUTER)
+        # Sending to a client that went away fails instead of vanishing: that is how we learn
+        # of a disconnect (ZMQ_ROUTER_NOTIFY is a draft API, missing from pyzmq's libzmq).
+        self.sdk.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.sdk.bind(f"tcp://{self.config.host}:{self.config.zmq_port}")
+        self.sdk_in_codec = MessageCodec(ClientMessage)
+        self.sdk_out_codec = MessageCodec()
+        loops = (self._client_loop(), self._output_loop(), self._watch_gpu_worker(), self._ping())
+        for loop in loops:
+            self._spawn(loop)
+        return self.worker_info
+
+    async def _wait_ready(self) -> WorkerReady:
+        deadline = time.monotonic() + self.config.ready_timeout_s
+        while time.monotonic() < deadline:
+            if not self.gpu_process.is_alive():
+                raise EngineDead(f"the GPU worker exited (code {self.gpu_process.exitcode})")
+            if await self.gpu_out.poll(200):
+                msg = self.gpu_out_codec.decode(await self.gpu_out.recv_multipart(copy=False))
+                if isinstance(msg, WorkerReady):
+                    return msg
+        raise EngineDead(f"the GPU worker was not ready within {self.config.ready_timeout_s} s")
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        if self.gpu_process.is_alive():
+            send(self.gpu_in, self.gpu_in_codec, Shutdown())
+            await asyncio.to_thread(self.gpu_process.join, 10)
+            if self.gpu_process.is_alive():
+                self.gpu_process.kill()
+                await asyncio.to_thread(self.gpu_process.join, 5)
+        await self.pool.close()
+        self.ctx.destroy(linger=0)
+        self.ipc.remove()
+
+    def _spawn(self, coro: object) -> None:
+        task = asyncio.ensure_future(coro)  # type: ignore[arg-type]
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("frontend task failed", exc_info=task.exception())
+
+    async def _watch_gpu_worker(self) -> None:
+        while self.gpu_process.is_alive():
+            await asyncio.sleep(0.2)
+        logger.error("the GPU worker died (exit code %s)", self.gpu_process.exitcode)
+        for req_id in list(self.requests):
+            self._fail(req_id, EngineDead("the GPU worker died; the server is shutting down"))
+        await asyncio.sleep(0.2)  # let the failures reach the clients
+        self.exit_code = 1
+        self.stopped.set()
+
+    # ---- SDK socket ----
+
+    async def _client_loop(self) -> None:
+        while True:
+            frames = await self.sdk.recv_multipart(copy=False)
+            identity = bytes(frames[0].buffer)
+            try:
+                msg = self.sdk_in_codec.decode(frames[1:])
+            except ProtocolError as e:
+                logger.error("dropped a malformed SDK message: %s", e)
+                self._reply(identity, RequestFailed("", ErrorInfo(e.code, e.message, "")))
+                continue
+            if isinstance(msg, GenerateRequest):
+                self._spawn(self._generate(identity, msg))
+            elif isinstance(msg, AbortRequest):
+                self._abort(self._engine_id(identity, msg.req_id))
+            elif isinstance(msg, HealthRequest):
+                self._spawn(self._health(identity))
+
+    def _reply(self, identity: bytes, msg: msgspec.Struct) -> None:
+        try:
+            sent = self.sdk.send_multipart([identity, *self.sdk_out_codec.encode(msg)], copy=False)
+        except zmq.ZMQError:  # EHOSTUNREACH: the client is gone
+            self._abort_client(identity)
+            return
+        sent.add_done_callback(lambda f: self._on_sent(identity, f))
+
+    def _on_sent(self, identity: bytes, sent: "asyncio.Future[object]") -> None:
+        if not sent.cancelled() and sent.exception() is not None:
+            self._abort_client(identity)
+
+    async def _ping(self) -> None:
+        """Probes the clients with requests in flight, so a silent disconnect is noticed."""
+        while True:
+            await asyncio.sleep(1.0)
+            for identity in {c.identity for c in self.requests.values()}:
+                self._reply(identity, Ping())
+
+    @staticmethod
+    def _engine_id(identity: bytes, req_id: str) -> str:
+        return f"{identity.hex()}:{req_id}"
+
+    # ---- a request's way in ----
+
+    async def _generate(self, identity: bytes, msg: GenerateRequest) -> None:
+        engine_id = self._engine_id(identity, msg.req_id)
+        self.counters["mm_runtime_requests_total"] += 1
+        try:
+            if engine_id in self.requests:
+                raise InvalidRequest(f"request id {msg.req_id!r} is already in flight")
+            text, add_special, sources = self._prompt_and_media(msg)
+            await self._submit(identity, engine_id, msg, text, add_special, sources)
+        except MMRuntimeError as e:
+            self.counters["mm_runtime_request_errors_total"] += 1
+            self._reply(
+                identity, RequestFailed(msg.req_id, ErrorInfo(e.code, e.message, msg.req_id))
+            )
+
+    def _prompt_and_media(self, msg: GenerateRequest) -> tuple[str, bool, list[str | bytes]]:
+        if (msg.prompt is None) == (msg.messages is None):
+            raise InvalidRequest("give exactly one of prompt and messages")
+        if msg.prompt is not None:
+            text, add_special = msg.prompt, True
+            sources = [
+                p.data if isinstance(p, ImageBytesPart) else p.image_url.url for p in msg.images
+            ]
+        else:
+            text, sources = self.prompts.apply_chat_template(_as_dicts(msg.messages or []))
+            add_special = False  # the template holds the special tokens already
+        limit = self.config.limit_mm_per_prompt.get("image", 0)
+        if len(sources) > limit:
+            raise InvalidRequest(
+                f"{len(sources)} images in one prompt, the limit is {limit}",
+                code="too_many_media_items",
+            )
+        return text, add_special, sources  # type: ignore[return-value]
+
+    async def _submit(
+        self,
+        identity: bytes,
+        engine_id: str,
+        msg: GenerateRequest,
+        text: str,
+        add_special: bool,
+        sources: list[str | bytes],
+    ) -> None:
+        allowed_path = self.config.allowed_local_media_path
+        allowed = Path(allowed_path) if allowed_path else None
+        loaded = [await asyncio.to_thread(load_image_bytes, s, allowed) for s in sources]
+        hashes = [mm_hash for _, mm_hash in loaded]
+        data = dict((mm_hash, raw) for raw, mm_hash in loaded)
+        results: dict[str, PreprocessResult] = {}
+        # Preprocess what the GPU worker does not hold; loop, since an item held when checked
+        # may be evicted while we wait for another one.
+        while missing := {
+            h for h in hashes if h not in results and self.mirror.num_tokens(h) is None
+        }:
+            done = await asyncio.gather(*(self._preprocess(h, data[h]) for h in missing))
+            results.update(zip(missing, done, strict=True))
+        # From here to the send, no await: the mirror's decisions are the channel's order.
+        num_tokens = [
+            results[h].num_tokens if h in results else self.mirror.num_tokens(h) for h in hashes
+        ]
+        token_ids, ranges = self.prompts.tokenize(text, num_tokens, add_special)  # type: ignore[arg-type]
+        items = [
+            MMItem(
+                modality="image",
+                mm_hash=h,
+                placeholder=r,
+                tensors=results[h].tensors if h in results else None,
+            )
+            for h, r in zip(hashes, ranges, strict=True)
+        ]
+        self.mirror.apply(items, num_tokens)  # type: ignore[arg-type]
+        request = EngineRequest(
+            req_id=engine_id,
+            prompt_token_ids=token_ids,
+            sampling_params=msg.sampling_params,
+            mm_items=items,
+        )
+        detok = IncrementalDetokenizer(self.prompts.tokenizer, token_ids, msg.sampling_params.stop)
+        self.requests[engine_id] = _Client(identity, msg.req_id, msg.stream, len(token_ids), detok)
+        send(
+            self.gpu_in,
+            self.gpu_in_codec,
+            AddRequest(request=request, feature_epoch=self.mirror.epoch),
+        )
+
+    async def _preprocess(self, mm_hash: str, data: bytes) -> PreprocessResult:
+        """One preprocessing job per hash, shared by every request that waits for it."""
+        job = self._inflight_jobs.get(mm_hash)
+        if job is None:
+            job = asyncio.ensure_future(self.pool.process("image", data))
+            self._inflight_jobs[mm_hash] = job
+            job.add_done_callback(lambda _: self._inflight_jobs.pop(mm_hash, None))
+        result = await asyncio.shield(job)
+        self.counters["mm_runtime_preprocess_jobs_total"] += 1
+        self.counters["mm_runtime_preprocess_seconds_total"] += result.seconds
+        return result
+
+    # ---- outputs ----
+
+    async def _output_loop(self) -> None:
+        while True:
+            frames = await self.gpu_out.recv_multipart(copy=False)
+            try:
+                msg = self.gpu_out_codec.decode(frames)
+            except ProtocolError as e:
+                logger.error("dropped a malformed message from the GPU worker: %s", e)
+                continue
+            if isinstance(msg, StepOutputs):
+                for out in msg.outputs:
+                    self._on_output(out)
+            elif isinstance(msg, FeatureCacheReset):
+                self.mirror.reset(msg.epoch)
+            elif isinstance(msg, WorkerStats):
+                waiter = self._stats_waiters.pop(msg.query_id, None)
+                if waiter is not None and not waiter.done():
+                    waiter.set_result(msg)
+
+    def _on_output(self, out: EngineOutput) -> None:
+        client = self.requests.get(out.req_id)
+        if client is None:
+            return  # aborted meanwhile
+        if out.error is not None:
+            self._fail(out.req_id, MMRuntimeError(out.error.message, code=out.error.code))
+            return
+        if client.first_token_s is None:
+            client.first_token_s = time.monotonic()
+            self.counters["mm_runtime_time_to_first_token_seconds_sum"] += (
+                client.first_token_s - client.arrival_s
+            )
+            self.counters["mm_runtime_time_to_first_token_seconds_count"] += 1
+        client.token_ids.extend(out.new_token_ids)
+        delta = client.detokenizer.update(out.new_token_ids, finished=out.finished)
+        finish_reason = out.finish_reason
+        if finish_reason is None and client.detokenizer.stopped:
+            finish_reason = "stop"
+            send(self.gpu_in, self.gpu_in_codec, AbortRequests([out.req_id]))
+        if finish_reason is not None:
+            del self.requests[out.req_id]
+            usage = Usage(client.num_prompt_tokens, len(client.token_ids))
+            if client.stream:
+                reply = RequestDelta(
+                    req_id=client.req_id,
+                    text=delta,
+                    token_ids=out.new_token_ids,
+                    finish_reason=finish_reason,
+                    usage=usage,
+                )
+            else:
+                reply = RequestDelta(
+                    req_id=client.req_id,
+                    text=client.detokenizer.output_text,
+                    token_ids=client.token_ids,
+                    finish_reason=finish_reason,
+                    usage=usage,
+                )
+            self._reply(client.identity, reply)
+        elif client.stream:
+            self._reply(
+                client.identity,
+                RequestDelta(req_id=client.req_id, text=delta, token_ids=out.new_token_ids),
+            )
+
+    def _fail(self, engine_id: str, error: MMRuntimeError) -> None:
+        client = self.requests.pop(engine_id, None)
+        if client is None:
+            return
+        self.counters["mm_runtime_request_errors_total"] += 1
+        info = ErrorInfo(error.code, error.message, client.req_id)
+        self._reply(client.identity, RequestFailed(client.req_id, info))
+
+    def _abort(self, engine_id: str) -> None:
+        if self.requests.pop(engine_id, None) is not None:
+            send(self.gpu_in, self.gpu_in_codec, AbortRequests([engine_id]))
+
+    def _abort_client(self, identity: bytes) -> None:
+        ids = [rid for rid, c in self.requests.items() if c.identity == identity]
+        for rid in ids:
+            del self.requests[rid]
+        if ids:
+            logger.info("client went away: aborting %d requests", len(ids))
+            send(self.gpu_in, self.gpu_in_codec, AbortRequests(ids))
+
+    # ---- health ----
+
+    async def stats(self, timeout_s: float = 5.0) -> tuple[bool, dict[str, float], list[str]]:
+        """Every process's counters; (ok, stats, GPU worker's feature-cache keys)."""
+        stats = dict(self.counters)
+        stats |= {
+            "mm_runtime_feature_cache_hits_total": self.mirror.hits,
+            "mm_runtime_feature_cache_misses_total": self.mirror.misses,
+            "mm_runtime_feature_cache_tensor_bytes_sent_total": self.mirror.tensor_bytes_sent,
+            "feature_cache_epoch": self.mirror.epoch,
+            "frontend_requests_in_flight": len(self.requests),
+            "gpu_worker_pid": self.gpu_process.pid or 0,
+        }
+        stats |= {f"preprocess_{k}": v for k, v in self.pool.stats().items()}
+        if not self.gpu_process.is_alive():
+            return False, stats, []
+        query_id = next(self._ids)
+        waiter = asyncio.get_running_loop().create_future()
+        self._stats_waiters[query_id] = waiter
+        send(self.gpu_in, self.gpu_in_codec, StatsRequest(query_id))
+        try:
+            reply: WorkerStats = await asyncio.wait_for(waiter, timeout_s)
+        except TimeoutError:
+            self._stats_waiters.pop(query_id, None)
+            return False, stats, []
+        return True, stats | reply.stats, reply.feature_cache_keys
+
+    async def _health(self, identity: bytes) -> None:
+        ok, stats, _ = await self.stats()
+        self._reply(identity, HealthReply(ok=ok, stats=stats))
+
+
+def _as_dicts(messages: list[ChatMessage]) -> list[dict[str, object]]:
+    """Wire chat messages -> the OpenAI-style dicts PromptBuilder reads."""
+    out: list[dict[str, object]] = []
+    for m in messages:
+        if isinstance(m.content, str):
+            out.append({"role": m.role, "content": m.content})
+            continue
+        parts: list[dict[str, object]] = []
+        for p in m.content:
+            if isinstance(p, TextPart):
+                parts.append({"type": "text", "text": p.text})
+            elif isinstance(p, ImageURLPart):
+                parts.append({"type": "image_url", "image_url": {"url": p.image_url.url}})
+            elif isinstance(p, ImageBytesPart):
+                parts.append({"type": "image_bytes", "image_bytes": p.data})
+        out.append({"role": m.role, "content": parts})
+    return out
