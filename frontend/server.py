@@ -106,6 +106,7 @@ class Frontend:
             "mm_runtime_preprocess_seconds_total": 0.0,
             "mm_runtime_requests_total": 0.0,
             "mm_runtime_request_errors_total": 0.0,
+            "mm_runtime_requests_aborted_total": 0.0,
             "mm_runtime_time_to_first_token_seconds_sum": 0.0,
             "mm_runtime_time_to_first_token_seconds_count": 0.0,
         }
@@ -395,6 +396,7 @@ class Frontend:
 
     def _abort(self, engine_id: str) -> None:
         if self.requests.pop(engine_id, None) is not None:
+            self.counters["mm_runtime_requests_aborted_total"] += 1
             send(self.gpu_in, self.gpu_in_codec, AbortRequests([engine_id]))
 
     def _abort_client(self, identity: bytes) -> None:
@@ -403,6 +405,7 @@ class Frontend:
             del self.requests[rid]
         if ids:
             logger.info("client went away: aborting %d requests", len(ids))
+            self.counters["mm_runtime_requests_aborted_total"] += len(ids)
             send(self.gpu_in, self.gpu_in_codec, AbortRequests(ids))
 
     # ---- health ----
