@@ -103,11 +103,11 @@ def test_big_image_burst_does_not_stall_decoding(server: RunningServer) -> None:
     during = [g for g, t in gaps if start < t <= end]
     assert end > start and len(during) >= 5, "the burst ended before the decode did"
     p90 = lambda xs: statistics.quantiles(xs, n=10)[-1]  # noqa: E731
+    ms = lambda x: f"{1000 * x:.1f} ms"  # noqa: E731
     print(
-        f"\ndecode step interval before the burst: median {1000 * statistics.median(before):.1f} ms,"
-        f" p90 {1000 * p90(before):.1f} ms; during ({end - start:.2f} s, {len(during)} steps):"
-        f" median {1000 * statistics.median(during):.1f} ms, p90 {1000 * p90(during):.1f} ms,"
-        f" max {1000 * max(during):.1f} ms"
+        f"\ndecode step interval before the burst: median {ms(statistics.median(before))},"
+        f" p90 {ms(p90(before))}; during ({end - start:.2f} s, {len(during)} steps):"
+        f" median {ms(statistics.median(during))}, p90 {ms(p90(during))}, max {ms(max(during))}"
     )
     # Generous: this machine has 2 cores shared by the test, the frontend, a preprocess worker
     # and the GPU worker, so contention slows steps; a blocked loop would stop them for the
