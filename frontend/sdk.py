@@ -76,7 +76,7 @@ def _part(part: dict[str, object] | TextPart | ImageURLPart | ImageBytesPart) ->
         url = value["url"] if isinstance(value, dict) else value
         return ImageURLPart(ImageURL(str(url)))
     if kind in ("image", "image_pil", "image_bytes"):
-        return ImageBytesPart(media_bytes(part[kind]))  # type: ignore[arg-type]
+        return _image_part(part[kind])  # type: ignore[arg-type]
     raise MMRuntimeError(f"unsupported content part type {kind!r}", code="invalid_request")
 
 
