@@ -95,6 +95,7 @@ class Frontend:
         self.ctx = zmq.asyncio.Context()
         self.requests: dict[str, _Client] = {}  # engine req_id -> client request
         self._inflight_jobs: dict[str, asyncio.Task[PreprocessResult]] = {}  # mm_hash -> job
+        self._preparing: dict[str, bytes] = {}  # engine req_id -> client, before it is sent
         self._stats_waiters: dict[int, asyncio.Future[WorkerStats]] = {}  # query_id -> reply
         self._ids = itertools.count()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -229,15 +230,22 @@ class Frontend:
         engine_id = self._engine_id(identity, msg.req_id)
         self.counters["mm_runtime_requests_total"] += 1
         try:
-            if engine_id in self.requests:
+            if engine_id in self.requests or engine_id in self._preparing:
                 raise InvalidRequest(f"request id {msg.req_id!r} is already in flight")
+            self._preparing[engine_id] = identity
             text, add_special, sources = self._prompt_and_media(msg)
             await self._submit(identity, engine_id, msg, text, add_special, sources)
         except MMRuntimeError as e:
-            self.counters["mm_runtime_request_errors_total"] += 1
-            self._reply(
-                identity, RequestFailed(msg.req_id, ErrorInfo(e.code, e.message, msg.req_id))
-            )
+            self._reply_error(identity, msg.req_id, e)
+        except Exception as e:  # a bug: the client still gets an answer
+            logger.exception("request %s failed", msg.req_id)
+            self._reply_error(identity, msg.req_id, MMRuntimeError(f"internal error: {e}"))
+        finally:
+            self._preparing.pop(engine_id, None)
+
+    def _reply_error(self, identity: bytes, req_id: str, error: MMRuntimeError) -> None:
+        self.counters["mm_runtime_request_errors_total"] += 1
+        self._reply(identity, RequestFailed(req_id, ErrorInfo(error.code, error.message, req_id)))
 
     def _prompt_and_media(self, msg: GenerateRequest) -> tuple[str, bool, list[str | bytes]]:
         if (msg.prompt is None) == (msg.messages is None):
@@ -294,6 +302,8 @@ class Frontend:
             )
             for h, r in zip(hashes, ranges, strict=True)
         ]
+        if engine_id not in self._preparing:
+            return  # aborted (or its client left) while its media was being prepared
         self.mirror.apply(items, num_tokens)  # type: ignore[arg-type]
         request = EngineRequest(
             req_id=engine_id,
@@ -388,18 +398,18 @@ class Frontend:
 
     def _fail(self, engine_id: str, error: MMRuntimeError) -> None:
         client = self.requests.pop(engine_id, None)
-        if client is None:
-            return
-        self.counters["mm_runtime_request_errors_total"] += 1
-        info = ErrorInfo(error.code, error.message, client.req_id)
-        self._reply(client.identity, RequestFailed(client.req_id, info))
+        if client is not None:
+            self._reply_error(client.identity, client.req_id, error)
 
     def _abort(self, engine_id: str) -> None:
+        self._preparing.pop(engine_id, None)
         if self.requests.pop(engine_id, None) is not None:
             self.counters["mm_runtime_requests_aborted_total"] += 1
             send(self.gpu_in, self.gpu_in_codec, AbortRequests([engine_id]))
 
     def _abort_client(self, identity: bytes) -> None:
+        for rid in [rid for rid, who in self._preparing.items() if who == identity]:
+            del self._preparing[rid]
         ids = [rid for rid, c in self.requests.items() if c.identity == identity]
         for rid in ids:
             del self.requests[rid]
