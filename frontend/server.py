@@ -288,7 +288,27 @@ class Frontend:
         }:
             done = await asyncio.gather(*(self._preprocess(h, data[h]) for h in missing))
             results.update(zip(missing, done, strict=True))
-        # From here to the send, no await: the mirror's decisions are the channel's order.
+        try:
+            self._send(identity, engine_id, msg, text, add_special, hashes, results)
+        finally:
+            # A finished job leaves the single-flight table only now that its item is in the
+            # mirror (or its request gave up): a request arriving in between reuses it.
+            for h in results:
+                job = self._inflight_jobs.get(h)
+                if job is not None and job.done():
+                    del self._inflight_jobs[h]
+
+    def _send(
+        self,
+        identity: bytes,
+        engine_id: str,
+        msg: GenerateRequest,
+        text: str,
+        add_special: bool,
+        hashes: list[str],
+        results: dict[str, PreprocessResult],
+    ) -> None:
+        """Synchronous on purpose (no await): the mirror's decisions are the channel's order."""
         num_tokens = [
             results[h].num_tokens if h in results else self.mirror.num_tokens(h) for h in hashes
         ]
@@ -323,10 +343,22 @@ class Frontend:
         """One preprocessing job per hash, shared by every request that waits for it."""
         job = self._inflight_jobs.get(mm_hash)
         if job is None:
-            job = asyncio.ensure_future(self.pool.process("image", data))
+            job = asyncio.ensure_future(self._run_job(data))
             self._inflight_jobs[mm_hash] = job
-            job.add_done_callback(lambda _: self._inflight_jobs.pop(mm_hash, None))
-        result = await asyncio.shield(job)
+            job.add_done_callback(lambda j: self._on_job_done(mm_hash, j))
+        return await asyncio.shield(job)
+
+    def _on_job_done(self, mm_hash: str, job: "asyncio.Future[PreprocessResult]") -> None:
+        # A failed job is forgotten at once (the next request retries); a successful one stays
+        # until a request has put its item in the mirror (see _submit).
+        if (job.cancelled() or job.exception() is not None) and self._inflight_jobs.get(
+            mm_hash
+        ) is job:
+            del self._inflight_jobs[mm_hash]
+
+    async def _run_job(self, data: bytes) -> PreprocessResult:
+        """Counted here, once per job, not once per request waiting for it."""
+        result = await self.pool.process("image", data)
         self.counters["mm_runtime_preprocess_jobs_total"] += 1
         self.counters["mm_runtime_preprocess_seconds_total"] += result.seconds
         return result

@@ -133,3 +133,25 @@ def test_forced_receiver_miss_self_heals(served: tuple) -> None:
     assert mirror.epoch == epoch + 1
     _, _, keys = server.call(server.frontend.stats())
     assert list(mirror.lru.keys()) == keys
+
+
+def test_concurrent_requests_share_one_preprocessing_job(served: tuple) -> None:
+    arch, _, server = served
+    image = media_bytes(random_image(120, 90, seed=123))
+    text = prompt_text(arch, "Same picture, many askers.", 1)
+    before = server.stats()
+
+    async def many() -> list:
+        async with AsyncClient(server.address, timeout_s=120) as client:
+            return await asyncio.gather(*(client.generate(text, [image], GREEDY) for _ in range(8)))
+
+    outs = asyncio.run(many())
+    after = server.stats()
+    assert len({tuple(o.token_ids) for o in outs}) == 1
+    jobs = after["mm_runtime_preprocess_jobs_total"] - before["mm_runtime_preprocess_jobs_total"]
+    assert jobs == 1
+    assert after["preprocess_jobs_done"] - before["preprocess_jobs_done"] == 1
+    hits = (
+        after["mm_runtime_feature_cache_hits_total"] - before["mm_runtime_feature_cache_hits_total"]
+    )
+    assert hits == 7  # the first request carried the tensors, the others the hash only
