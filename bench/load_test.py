@@ -40,27 +40,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
+from workload import IMAGE_SIZES, QUESTIONS  # bench/ is the script dir on sys.path
 
 from mm_runtime.frontend.sdk import DEFAULT_ADDRESS, AsyncClient, Client
 from mm_runtime.shared.errors import MMRuntimeError
 from mm_runtime.shared.wire import SamplingParams
 
-IMAGE_SIZES = [  # (width, height), as in bench/offline.py
-    (336, 336),
-    (512, 512),
-    (640, 480),
-    (800, 600),
-    (1024, 768),
-    (1280, 720),
-    (1920, 1080),
-]
-QUESTIONS = [
-    "What is in this image?",
-    "Describe the picture in detail.",
-    "What color is the car?",
-    "How many people are there?",
-    "Is this a photo of a kitchen?",
-]
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif"}
 # Server-side counters (health stats) compared before and after the run.
 COUNTERS = [

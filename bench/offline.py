@@ -23,27 +23,11 @@ import numpy as np
 import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
+from workload import IMAGE_SIZES, QUESTIONS  # bench/ is the script dir on sys.path
 
 from mm_runtime import LLM, SamplingParams
 from mm_runtime.shared.model_info import IMAGE_PLACEHOLDERS, ModelInfo
 from mm_runtime.shared.tiny_models import tiny_model_dir
-
-IMAGE_SIZES = [
-    (336, 336),
-    (512, 512),
-    (640, 480),
-    (800, 600),
-    (1024, 768),
-    (1280, 720),
-    (1920, 1080),
-]
-QUESTIONS = [
-    "What is in this image?",
-    "Describe the picture in detail.",
-    "What color is the car?",
-    "How many people are there?",
-    "Is this a photo of a kitchen?",
-]
 
 
 def make_workload(n: int, min_tokens: int, max_tokens: int, seed: int) -> list[tuple]:
