@@ -54,6 +54,7 @@ from mm_runtime.shared.wire import (
     StatsRequest,
     StepOutputs,
     TextPart,
+    TokenLogprobs,
     Usage,
     WorkerReady,
     WorkerStats,
@@ -73,6 +74,7 @@ class _Client:
     num_prompt_tokens: int
     detokenizer: IncrementalDetokenizer
     token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
     arrival_s: float = field(default_factory=time.monotonic)
     first_token_s: float | None = None
 
@@ -397,6 +399,7 @@ class Frontend:
             )
             self.counters["mm_runtime_time_to_first_token_seconds_count"] += 1
         client.token_ids.extend(out.new_token_ids)
+        client.logprobs.extend(out.new_logprobs or [])
         delta = client.detokenizer.update(out.new_token_ids, finished=out.finished)
         finish_reason = out.finish_reason
         if finish_reason is None and client.detokenizer.stopped:
@@ -404,29 +407,19 @@ class Frontend:
             send(self.gpu_in, self.gpu_in_codec, AbortRequests([out.req_id]))
         if finish_reason is not None:
             del self.requests[out.req_id]
-            usage = Usage(client.num_prompt_tokens, len(client.token_ids))
-            if client.stream:
-                reply = RequestDelta(
-                    req_id=client.req_id,
-                    text=delta,
-                    token_ids=out.new_token_ids,
-                    finish_reason=finish_reason,
-                    usage=usage,
-                )
-            else:
-                reply = RequestDelta(
-                    req_id=client.req_id,
-                    text=client.detokenizer.output_text,
-                    token_ids=client.token_ids,
-                    finish_reason=finish_reason,
-                    usage=usage,
-                )
-            self._reply(client.identity, reply)
-        elif client.stream:
-            self._reply(
-                client.identity,
-                RequestDelta(req_id=client.req_id, text=delta, token_ids=out.new_token_ids),
-            )
+        elif not client.stream:
+            return
+        whole = not client.stream  # a non-streamed request gets everything in one final reply
+        usage = Usage(client.num_prompt_tokens, len(client.token_ids))
+        reply = RequestDelta(
+            req_id=client.req_id,
+            text=client.detokenizer.output_text if whole else delta,
+            token_ids=client.token_ids if whole else out.new_token_ids,
+            logprobs=(client.logprobs if whole else out.new_logprobs) or None,
+            finish_reason=finish_reason,
+            usage=None if finish_reason is None else usage,
+        )
+        self._reply(client.identity, reply)
 
     def _fail(self, engine_id: str, error: MMRuntimeError) -> None:
         client = self.requests.pop(engine_id, None)

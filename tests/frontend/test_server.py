@@ -155,3 +155,22 @@ def test_concurrent_requests_share_one_preprocessing_job(served: tuple) -> None:
         after["mm_runtime_feature_cache_hits_total"] - before["mm_runtime_feature_cache_hits_total"]
     )
     assert hits == 7  # the first request carried the tensors, the others the hash only
+
+
+def test_logprobs_and_stop_strings_match_llm(served: tuple) -> None:
+    arch, model_dir, server = served
+    text = prompt_text(arch, "Describe the weather today.", 0)
+    llm = LLM(model_dir, device="cpu")
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, logprobs=2)
+    expected = llm.generate(text, params, use_tqdm=False)[0].outputs[0]
+    stop = expected.text[3:6]
+    stop_params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, stop=[stop])
+    expected_stop = llm.generate(text, stop_params, use_tqdm=False)[0].outputs[0]
+    with Client(server.address, timeout_s=120) as client:
+        out = client.generate(text, None, params)
+        streamed = list(client.stream(text, None, stop_params))
+    assert out.logprobs is not None and len(out.logprobs) == 8
+    for got, want in zip(out.logprobs, expected.logprobs, strict=True):
+        assert {lp.token_id: lp.logprob for lp in [got.sampled, *got.top]} == pytest.approx(want)
+    assert "".join(d.text for d in streamed) == expected_stop.text
+    assert streamed[-1].finish_reason == "stop" == expected_stop.finish_reason
