@@ -6,6 +6,7 @@ shared state, so one bad request never costs another request its work.
 """
 
 import logging
+import time
 from pathlib import Path
 
 from transformers import GenerationConfig
@@ -41,7 +42,11 @@ class EngineCore:
         self.config = config
         self.info = ModelInfo.from_model_dir(config.model)
         self.max_model_len = config.max_model_len or self.info.max_position_embeddings
+        logger.info("loading %s (%s, load_format=%s)", config.model, self.info.model_type,
+                    config.load_format)  # fmt: skip
+        start = time.perf_counter()
         self.runner = ModelRunner(config, self.info)
+        logger.info("model loaded in %.1f s", time.perf_counter() - start)
         self.num_kv_blocks = self.runner.num_kv_blocks_to_allocate(self.max_model_len)
         self.runner.allocate_kv_cache(self.num_kv_blocks)
         self.kv = KVCacheManager(

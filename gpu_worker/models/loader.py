@@ -54,6 +54,7 @@ def load_weights(model: MultimodalModel, model_dir: Path) -> None:
     params = dict(model.named_parameters(remove_duplicate=False))
     loaded: set[str] = set()
     files = checkpoint_files(model_dir)
+    logger.info("loading weights from %d safetensors file(s)", len(files))
     for path in tqdm(files, desc="Loading safetensors", disable=len(files) < 2):
         with safe_open(str(path), framework="pt") as f:
             for key in f.keys():
