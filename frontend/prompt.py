@@ -94,6 +94,8 @@ class PromptBuilder:
                 else:
                     raise InvalidRequest(f"unsupported content part type {kind!r}")
             hf_messages.append({"role": message["role"], "content": parts})
+        if not hf_messages:  # transformers would fail with an IndexError
+            raise InvalidRequest("messages is empty")
         prompt = self._processor.apply_chat_template(
             hf_messages,
             chat_template=self.chat_template,

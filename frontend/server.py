@@ -377,7 +377,11 @@ class Frontend:
                 continue
             if isinstance(msg, StepOutputs):
                 for out in msg.outputs:
-                    self._on_output(out)
+                    try:
+                        self._on_output(out)
+                    except Exception as e:  # e.g. a token id the tokenizer cannot decode
+                        logger.exception("bad output for request %s", out.req_id)
+                        self._fail(out.req_id, MMRuntimeError(f"internal error: {e}"))
             elif isinstance(msg, FeatureCacheReset):
                 self.mirror.reset(msg.epoch)
             elif isinstance(msg, WorkerStats):

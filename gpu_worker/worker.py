@@ -97,6 +97,8 @@ class GpuWorker:
                 self.inbox.put(codec.decode(frames))
             except ProtocolError as e:
                 logger.error("dropped a malformed message from the frontend: %s", e)
+            except Exception:  # a decoding bug must not leave the worker deaf while alive
+                logger.exception("dropped a message that failed to decode")
 
     def stop(self) -> None:
         self.running = False

@@ -19,6 +19,7 @@ import torch
 from mm_runtime.shared.errors import InvalidRequest
 
 PROTOCOL_VERSION = 1
+_INT64_MAX = 2**63 - 1
 
 
 class TensorRef(msgspec.Struct, array_like=True, frozen=True):
@@ -53,6 +54,8 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
             self.stop = [self.stop]
         if self.top_k < 0:
             self.top_k = 0
+        if self.top_k > _INT64_MAX:  # the sampler holds top_k in an int64 tensor
+            raise InvalidRequest(f"top_k must be at most {_INT64_MAX}, got {self.top_k}")
         if self.max_tokens < 1:
             raise InvalidRequest(f"max_tokens must be at least 1, got {self.max_tokens}")
         if not self.temperature >= 0:  # written so that NaN fails too

@@ -107,7 +107,7 @@ class MessageCodec:
             raise NotImplementedError(f"cannot decode {type_}")
         ref = msgspec.convert(obj, TensorRef)
         dtype = _DTYPES.get(ref.dtype)
-        if dtype is None or any(d < 0 for d in ref.shape):
+        if dtype is None or any(not 0 <= d < 2**63 for d in ref.shape):  # torch sizes: int64
             raise msgspec.ValidationError(f"bad tensor dtype/shape {ref.dtype} {ref.shape}")
         if ref.frame == -1:
             buf = memoryview(ref.data or b"")
@@ -123,9 +123,14 @@ class MessageCodec:
                 f"tensor {ref.dtype}{ref.shape} needs {numel * dtype.itemsize} bytes, "
                 f"its frame has {buf.nbytes}"
             )
-        if numel == 0:
-            return torch.empty(ref.shape, dtype=dtype)
-        return torch.frombuffer(buf, dtype=torch.uint8).view(dtype).view(ref.shape)
+        try:
+            if numel == 0:
+                return torch.empty(ref.shape, dtype=dtype)
+            return torch.frombuffer(buf, dtype=torch.uint8).view(dtype).view(ref.shape)
+        # e.g. a 0-element shape whose other dims overflow int64 once multiplied: msgspec turns
+        # only TypeError/ValueError into a ValidationError, a RuntimeError would escape decode()
+        except RuntimeError as e:
+            raise msgspec.ValidationError(f"bad tensor shape {ref.shape}: {e}") from e
 
 
 def _view(frame: Frame) -> memoryview:
