@@ -150,12 +150,16 @@ class GpuWorker:
             self.feature_cache.resolve(request.mm_items, msg.feature_epoch)
             self.engine.add_request(request)
         except MMRuntimeError as e:
+            # The reset goes first: the frontend must drop its mirror before the client hears
+            # of the failure and retries, or the retry would be decided against the old mirror.
+            if self.feature_cache.epoch != epoch:
+                logger.warning(
+                    "feature cache out of sync: reset to epoch %d", self.feature_cache.epoch
+                )
+                send(self.output, self.out_codec, FeatureCacheReset(self.feature_cache.epoch))
             logger.debug("request %s rejected: %s", request.req_id, e)
             failed = self._fail(request.req_id, e.code, e.message)
             send(self.output, self.out_codec, StepOutputs([failed]))
-        if self.feature_cache.epoch != epoch:
-            logger.warning("feature cache out of sync: reset to epoch %d", self.feature_cache.epoch)
-            send(self.output, self.out_codec, FeatureCacheReset(self.feature_cache.epoch))
 
     def _on_abort(self, msg: AbortRequests) -> None:
         for req_id in msg.req_ids:
