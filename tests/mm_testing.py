@@ -5,6 +5,8 @@ request at a time (no padding), so any batching effect on our side shows up as a
 """
 
 import copy
+import struct
+import zlib
 from functools import cache
 from pathlib import Path
 
@@ -21,6 +23,22 @@ ARCHS = ["llava", "qwen2_vl"]
 def random_image(width: int, height: int, seed: int = 0) -> Image.Image:
     rng = np.random.default_rng(seed)
     return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def handmade_png(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height; PIL refuses to write a 0x0 one itself."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(kind + data) & 0xFFFFFFFF
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b""))
+        + chunk(b"IEND", b"")
+    )
 
 
 def prompt_text(arch: str, question: str, num_images: int) -> str:

@@ -11,8 +11,6 @@ import base64
 import io
 import json
 import shutil
-import struct
-import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +18,7 @@ from pathlib import Path
 import msgspec
 import pytest
 import torch
-from mm_testing import ARCHS, hf_greedy, mm_prompt, prompt_text, random_image
+from mm_testing import ARCHS, handmade_png, hf_greedy, mm_prompt, prompt_text, random_image
 from PIL import Image
 
 from mm_runtime import LLM, MMRuntimeError, SamplingParams
@@ -46,22 +44,6 @@ def png_bytes(image: Image.Image) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     return buf.getvalue()
-
-
-def handmade_png(width: int, height: int) -> bytes:
-    """A PNG whose header claims width x height; PIL refuses to write a 0x0 one itself."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        crc = zlib.crc32(kind + data) & 0xFFFFFFFF
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(b""))
-        + chunk(b"IEND", b"")
-    )
 
 
 GOOD_PNG = png_bytes(random_image(64, 64, seed=1))

@@ -4,14 +4,12 @@ processing the decoded image.
 """
 
 import io
-import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from mm_testing import ARCHS, random_image
+from mm_testing import ARCHS, handmade_png, random_image
 from PIL import Image
 
 from mm_runtime.preprocess_worker.processors import ImageProcessor, convert_image, decode_image
@@ -23,22 +21,6 @@ def encode(image: Image.Image, fmt: str = "PNG") -> bytes:
     buf = io.BytesIO()
     image.save(buf, format=fmt)
     return buf.getvalue()
-
-
-def handmade_png(width: int, height: int) -> bytes:
-    """A PNG whose header claims width x height; PIL refuses to write a 0x0 one itself."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        crc = zlib.crc32(kind + data) & 0xFFFFFFFF
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(b""))
-        + chunk(b"IEND", b"")
-    )
 
 
 IMAGE = random_image(23, 17, seed=1)
