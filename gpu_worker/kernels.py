@@ -1,0 +1,176 @@
+"""CUDA kernels from csrc/: compiled at first use with NVRTC, cached on disk, launched on torch's
+current stream (so CUDA graphs capture them).
+
+The cache key is a hash of every source file, the compile options and the GPU architecture, so
+an edit or another GPU recompiles and nothing stale is ever loaded. Only cuda-python's low-level
+bindings (`cuda.bindings`) are used: they ship with torch's CUDA wheels and with the GPU image.
+Each kernel's torch reference lives beside the layer that uses it (gpu_worker/layers/) and is
+the oracle of tests/gpu_worker/test_kernels.py.
+"""
+
+import ctypes
+import hashlib
+import logging
+import os
+import threading
+from pathlib import Path
+
+import torch
+
+from mm_runtime.shared.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+CSRC = Path(__file__).resolve().parent.parent / "csrc"
+CACHE_DIR = Path.home() / ".cache" / "mm_runtime" / "kernels"
+DTYPE_SUFFIX = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
+
+
+def _check(result: tuple) -> object:
+    """cuda.bindings calls return (status, *values); raise on a bad status."""
+    status, *values = result
+    if int(status) != 0:
+        raise RuntimeError(f"CUDA call failed: {status}")
+    return values[0] if len(values) == 1 else values
+
+
+def _cuda_include_dirs() -> list[str]:
+    """Where cuda_bf16.h / cuda_fp16.h live: the toolkit, or the pip wheels' include dirs."""
+    candidates = [os.environ.get("CUDA_HOME", ""), "/usr/local/cuda"]
+    candidates = [str(Path(c) / "include") for c in candidates if c]
+    try:
+        import nvidia
+
+        for root in nvidia.__path__:
+            candidates += [str(p.parent) for p in Path(root).glob("*/include/cuda_bf16.h")]
+    except ImportError:
+        pass
+    return [c for c in candidates if (Path(c) / "cuda_bf16.h").is_file()]
+
+
+class KernelLibrary:
+    """Compiles csrc/ once per process (and once per machine, through the disk cache)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._functions: dict[str, object] = {}
+        self._module: object | None = None
+
+    def _sources(self) -> str:
+        # One translation unit: every .cu file, with the shared header inlined by NVRTC.
+        return "\n".join(p.read_text() for p in sorted(CSRC.glob("*.cu")))
+
+    def _load(self) -> None:
+        from cuda.bindings import driver, nvrtc
+
+        major, minor = torch.cuda.get_device_capability()
+        arch = f"sm_{major}{minor}"
+        includes = _cuda_include_dirs()
+        if not includes:
+            raise ConfigError("cannot find the CUDA headers (cuda_bf16.h); set CUDA_HOME")
+        options = [f"--gpu-architecture={arch}", "-std=c++17", "--use_fast_math",
+                   f"-I{CSRC}", *(f"-I{d}" for d in includes)]  # fmt: skip
+        source = self._sources()
+        headers = "".join(p.read_text() for p in sorted(CSRC.glob("*.cuh")))
+        key = hashlib.sha256("\0".join([source, headers, *options[:3]]).encode()).hexdigest()
+        cubin_path = CACHE_DIR / f"{key}.cubin"
+        if cubin_path.is_file():
+            cubin = cubin_path.read_bytes()
+        else:
+            cubin = self._compile(nvrtc, source, options)
+            CACHE_DIR.mkdir(parents=True, exist_ok=True)
+            tmp = cubin_path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_bytes(cubin)
+            tmp.replace(cubin_path)  # atomic: concurrent processes never read half a file
+            logger.info("compiled csrc/ for %s (%d bytes)", arch, len(cubin))
+        torch.cuda.current_device()  # makes torch's primary context current on this thread
+        self._module = _check(driver.cuModuleLoadData(cubin))
+
+    @staticmethod
+    def _compile(nvrtc: object, source: str, options: list[str]) -> bytes:
+        program = _check(nvrtc.nvrtcCreateProgram(source.encode(), b"csrc.cu", 0, [], []))
+        opts = [o.encode() for o in options]
+        status = nvrtc.nvrtcCompileProgram(program, len(opts), opts)[0]
+        log_size = _check(nvrtc.nvrtcGetProgramLogSize(program))
+        log = b" " * log_size
+        _check(nvrtc.nvrtcGetProgramLog(program, log))
+        if int(status) != 0:
+            raise RuntimeError(f"NVRTC failed to compile csrc/:\n{log.decode(errors='replace')}")
+        size = _check(nvrtc.nvrtcGetCUBINSize(program))
+        cubin = b" " * size
+        _check(nvrtc.nvrtcGetCUBIN(program, cubin))
+        return cubin
+
+    def function(self, name: str) -> object:
+        with self._lock:
+            if self._module is None:
+                self._load()
+            fn = self._functions.get(name)
+            if fn is None:
+                from cuda.bindings import driver
+
+                fn = _check(driver.cuModuleGetFunction(self._module, name.encode()))
+                self._functions[name] = fn
+            return fn
+
+    def launch(
+        self,
+        name: str,
+        grid: tuple[int, int, int],
+        block: tuple[int, int, int],
+        args: list[tuple[object, type]],
+        shared_bytes: int = 0,
+    ) -> None:
+        """Launches `name` on torch's current stream; `args` are (value, ctypes type) pairs."""
+        from cuda.bindings import driver
+
+        fn = self.function(name)
+        values = tuple(v.data_ptr() if isinstance(v, torch.Tensor) else v for v, _ in args)
+        types = tuple(t for _, t in args)
+        stream = torch.cuda.current_stream().cuda_stream
+        _check(driver.cuLaunchKernel(fn, *grid, *block, shared_bytes, stream, (values, types), 0))
+
+
+KERNELS = KernelLibrary()
+_PTR = ctypes.c_void_p
+
+
+def _threads(width: int) -> int:
+    """Threads per row block: a multiple of 32 up to 1024, about one element each."""
+    return min(1024, max(32, (width + 31) // 32 * 32))
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """[num_tokens, 2 * d] -> [num_tokens, d]; the CUDA twin of layers/activation.py."""
+    assert gate_up.is_cuda and gate_up.is_contiguous() and gate_up.dim() == 2
+    num_tokens, d = gate_up.shape[0], gate_up.shape[1] // 2
+    out = torch.empty(num_tokens, d, dtype=gate_up.dtype, device=gate_up.device)
+    if num_tokens:
+        name = f"silu_and_mul_{DTYPE_SUFFIX[gate_up.dtype]}"
+        args = [(out, _PTR), (gate_up, _PTR), (d, ctypes.c_int)]
+        KERNELS.launch(name, (num_tokens, 1, 1), (_threads(d), 1, 1), args)
+    return out
+
+
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(normed, new residual) as layers/norm.py's RMSNorm; `residual` is updated in place."""
+    assert x.is_cuda and x.is_contiguous() and weight.dtype == x.dtype
+    hidden = x.shape[-1]
+    num_tokens = x.numel() // hidden
+    out = torch.empty_like(x)
+    if num_tokens:
+        assert residual is None or (residual.is_contiguous() and residual.shape == x.shape)
+        name = f"rms_norm_{DTYPE_SUFFIX[x.dtype]}"
+        args = [
+            (out, _PTR),
+            (residual if residual is not None else x, _PTR),
+            (x, _PTR),
+            (weight, _PTR),
+            (hidden, ctypes.c_int),
+            (eps, ctypes.c_float),
+            (int(residual is not None), ctypes.c_int),
+        ]
+        KERNELS.launch(name, (num_tokens, 1, 1), (_threads(hidden), 1, 1), args)
+    return out, (residual if residual is not None else x)

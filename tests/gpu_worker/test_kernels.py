@@ -1,0 +1,61 @@
+"""CUDA kernels of csrc/ against their torch references (gpu_worker/layers/), on random shapes.
+
+Outputs are poisoned first: a NaN-filled block of the same size is freed just before the call,
+so torch's caching allocator hands it to the kernel's output and any element the kernel fails
+to write stays NaN.
+"""
+
+import pytest
+import torch
+
+from mm_runtime.gpu_worker.layers.activation import SiluAndMul
+from mm_runtime.gpu_worker.layers.norm import RMSNorm
+
+pytestmark = pytest.mark.gpu
+
+TOLERANCE = {  # (rtol, atol): a few ulps of the storage type
+    torch.float32: (1e-5, 1e-5),
+    torch.float16: (2e-3, 2e-3),
+    torch.bfloat16: (1.6e-2, 1.6e-2),
+}
+DTYPES = list(TOLERANCE)
+SHAPES = [(1, 64), (7, 80), (33, 128), (256, 1536), (5, 4096), (3, 8960), (1000, 1000)]
+
+
+def poison(numel: int, dtype: torch.dtype) -> None:
+    torch.full((numel,), float("nan"), dtype=dtype, device="cuda")  # freed at once
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_silu_and_mul(shape: tuple[int, int], dtype: torch.dtype) -> None:
+    from mm_runtime.gpu_worker import kernels
+
+    torch.manual_seed(0)
+    num_tokens, d = shape
+    gate_up = torch.randn(num_tokens, 2 * d, dtype=dtype, device="cuda") * 3
+    poison(num_tokens * d, dtype)
+    out = kernels.silu_and_mul(gate_up)
+    torch.testing.assert_close(
+        out, SiluAndMul()(gate_up), rtol=TOLERANCE[dtype][0], atol=TOLERANCE[dtype][1]
+    )
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_rms_norm(shape: tuple[int, int], dtype: torch.dtype, with_residual: bool) -> None:
+    from mm_runtime.gpu_worker import kernels
+
+    torch.manual_seed(1)
+    num_tokens, hidden = shape
+    norm = RMSNorm(hidden, eps=1e-6).to(device="cuda", dtype=dtype)
+    norm.weight.data.normal_(1.0, 0.1)
+    x = torch.randn(num_tokens, hidden, dtype=dtype, device="cuda")
+    residual = torch.randn_like(x) if with_residual else None
+    expected, expected_residual = norm(x, None if residual is None else residual.clone())
+    poison(x.numel(), dtype)
+    out, new_residual = kernels.rms_norm(x, norm.weight.data, 1e-6, residual)
+    rtol, atol = TOLERANCE[dtype]
+    torch.testing.assert_close(out, expected, rtol=rtol, atol=atol)
+    torch.testing.assert_close(new_residual, expected_residual, rtol=0, atol=0)  # one rounding
