@@ -174,3 +174,46 @@ def rms_norm(
         ]
         KERNELS.launch(name, (num_tokens, 1, 1), (_threads(hidden), 1, 1), args)
     return out, (residual if residual is not None else x)
+
+
+def write_kv_cache(
+    k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """The CUDA twin of layers/attention.py's write_kv_cache (negative slots are skipped)."""
+    assert kv_cache.is_contiguous() and k.is_contiguous() and v.is_contiguous()
+    assert slot_mapping.dtype == torch.int64 and k.dtype == kv_cache.dtype
+    num_tokens = k.shape[0]
+    width = k.shape[1] * k.shape[2]  # num_kv_heads * head_dim
+    if num_tokens:
+        args = [
+            (kv_cache, _PTR),
+            (k, _PTR),
+            (v, _PTR),
+            (slot_mapping, _PTR),
+            (kv_cache[0].numel(), ctypes.c_long),
+            (width, ctypes.c_int),
+        ]
+        name = f"write_kv_cache_{DTYPE_SUFFIX[k.dtype]}"
+        KERNELS.launch(name, (num_tokens, 1, 1), (_threads(width), 1, 1), args)
+
+
+def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """In place on q [T, H, D] and k [T, Hkv, D] with cos/sin [T, D/2] (or [T, 1, D] as
+    RotaryEmbedding.cos_sin returns them: the two halves are equal, the first is used)."""
+    num_tokens, num_heads, head_dim = q.shape
+    half = head_dim // 2
+    cos = cos.reshape(num_tokens, -1)[:, :half].contiguous()
+    sin = sin.reshape(num_tokens, -1)[:, :half].contiguous()
+    assert q.is_contiguous() and k.is_contiguous() and cos.dtype == q.dtype
+    if num_tokens:
+        args = [
+            (q, _PTR),
+            (k, _PTR),
+            (cos, _PTR),
+            (sin, _PTR),
+            (num_heads, ctypes.c_int),
+            (k.shape[1], ctypes.c_int),
+            (head_dim, ctypes.c_int),
+        ]
+        name = f"rotary_{DTYPE_SUFFIX[q.dtype]}"
+        KERNELS.launch(name, (num_tokens, 1, 1), (_threads(num_heads * half), 1, 1), args)

@@ -59,3 +59,60 @@ def test_rms_norm(shape: tuple[int, int], dtype: torch.dtype, with_residual: boo
     rtol, atol = TOLERANCE[dtype]
     torch.testing.assert_close(out, expected, rtol=rtol, atol=atol)
     torch.testing.assert_close(new_residual, expected_residual, rtol=0, atol=0)  # one rounding
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_kv_heads,head_dim", [(1, 64), (2, 80), (8, 128)])
+def test_write_kv_cache(dtype: torch.dtype, num_kv_heads: int, head_dim: int) -> None:
+    from mm_runtime.gpu_worker import kernels
+    from mm_runtime.gpu_worker.layers.attention import write_kv_cache
+
+    torch.manual_seed(2)
+    num_blocks, block_size, num_tokens = 64, 16, 300
+    shape = (2, num_blocks, block_size, num_kv_heads, head_dim)
+    cache = torch.full(shape, float("nan"), dtype=dtype, device="cuda")
+    expected = cache.clone()
+    slots = torch.randperm(num_blocks * block_size, device="cuda")[:num_tokens]
+    k = torch.randn(num_tokens, num_kv_heads, head_dim, dtype=dtype, device="cuda")
+    v = torch.randn_like(k)
+    write_kv_cache(k, v, expected, slots)
+    padded = torch.cat([slots, torch.full((5,), -1, device="cuda")])  # padding slots skipped
+    kernels.write_kv_cache(torch.cat([k, k[:5]]), torch.cat([v, v[:5]]), cache, padded)
+    assert torch.equal(cache.isnan(), expected.isnan())
+    assert torch.equal(cache.nan_to_num(), expected.nan_to_num())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mrope", [False, True])
+@pytest.mark.parametrize(
+    "num_heads,num_kv_heads,head_dim", [(12, 2, 128), (16, 16, 64), (4, 1, 80)]
+)
+def test_rotary(
+    dtype: torch.dtype, mrope: bool, num_heads: int, num_kv_heads: int, head_dim: int
+) -> None:
+    from transformers import Qwen2Config
+
+    from mm_runtime.gpu_worker import kernels
+    from mm_runtime.gpu_worker.layers.rotary import RotaryEmbedding
+
+    torch.manual_seed(3)
+    config = Qwen2Config(rope_theta=1e6)
+    if mrope:
+        quarter = head_dim // 8
+        sections = [head_dim // 2 - 2 * quarter, quarter, quarter]
+        config.rope_parameters = {
+            "rope_type": "default",
+            "rope_theta": 1e6,
+            "mrope_section": sections,
+        }
+    rotary = RotaryEmbedding(config, head_dim)
+    num_tokens = 257
+    positions = torch.randint(0, 30000, (3, num_tokens) if mrope else (num_tokens,), device="cuda")
+    q = torch.randn(num_tokens, num_heads, head_dim, dtype=dtype, device="cuda")
+    k = torch.randn(num_tokens, num_kv_heads, head_dim, dtype=dtype, device="cuda")
+    expected_q, expected_k = rotary(positions, q, k)
+    cos, sin = rotary.cos_sin(positions, dtype)
+    kernels.apply_rotary(q, k, cos, sin)
+    rtol, atol = TOLERANCE[dtype]
+    torch.testing.assert_close(q, expected_q, rtol=rtol, atol=atol)
+    torch.testing.assert_close(k, expected_k, rtol=rtol, atol=atol)
