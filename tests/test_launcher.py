@@ -41,7 +41,7 @@ def wait_gone(pids: set[int], timeout_s: float = 10) -> list[int]:
 
 
 def socket_dirs() -> set[Path]:
-    return set(Path(os.environ.get("TMPDIR", "/tmp")).glob("mm-runtime-*"))
+    return {p for p in Path(os.environ.get("TMPDIR", "/tmp")).glob("mm-runtime-*") if p.is_dir()}
 
 
 def start_server(model_dir: Path, port: int) -> subprocess.Popen:
