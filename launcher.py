@@ -59,9 +59,13 @@ async def _serve(frontend: Frontend) -> int:
         config = frontend.config
         logger.info(
             "serving %s (%s, %s on %s, %d KV blocks, max_model_len %d)",
-            config.model, frontend.info.model_type, ready.dtype, ready.device,
-            ready.num_kv_blocks, ready.max_model_len,
-        )  # fmt: skip
+            config.model,
+            frontend.info.model_type,
+            ready.dtype,
+            ready.device,
+            ready.num_kv_blocks,
+            ready.max_model_len,
+        )
         logger.info("SDK: mm_runtime.Client('tcp://%s:%d')", config.host, config.zmq_port)
         await frontend.stopped.wait()
     except MMRuntimeError as e:

@@ -42,8 +42,12 @@ class EngineCore:
         self.config = config
         self.info = ModelInfo.from_model_dir(config.model)
         self.max_model_len = config.max_model_len or self.info.max_position_embeddings
-        logger.info("loading %s (%s, load_format=%s)", config.model, self.info.model_type,
-                    config.load_format)  # fmt: skip
+        logger.info(
+            "loading %s (%s, load_format=%s)",
+            config.model,
+            self.info.model_type,
+            config.load_format,
+        )
         start = time.perf_counter()
         self.runner = ModelRunner(config, self.info)
         logger.info("model loaded in %.1f s", time.perf_counter() - start)

@@ -68,8 +68,13 @@ class KernelLibrary:
         includes = _cuda_include_dirs()
         if not includes:
             raise ConfigError("cannot find the CUDA headers (cuda_bf16.h); set CUDA_HOME")
-        options = [f"--gpu-architecture={arch}", "-std=c++17", "--use_fast_math",
-                   f"-I{CSRC}", *(f"-I{d}" for d in includes)]  # fmt: skip
+        options = [
+            f"--gpu-architecture={arch}",
+            "-std=c++17",
+            "--use_fast_math",
+            f"-I{CSRC}",
+            *(f"-I{d}" for d in includes),
+        ]
         source = self._sources()
         headers = "".join(p.read_text() for p in sorted(CSRC.glob("*.cuh")))
         key = hashlib.sha256("\0".join([source, headers, *options[:3]]).encode()).hexdigest()

@@ -42,7 +42,7 @@ _DTYPES = {
         torch.int8,
         torch.uint8,
         torch.bool,
-    )  # fmt: skip
+    )
 }
 
 Frame = bytes | memoryview | zmq.Frame
