@@ -54,6 +54,7 @@ class KernelLibrary:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._functions: dict[str, object] = {}
+        self._shared_limits: dict[str, int] = {}  # dynamic shared memory raised past 48 KB
         self._module: object | None = None
 
     def _sources(self) -> str:
@@ -126,10 +127,15 @@ class KernelLibrary:
         args: list[tuple[object, type]],
         shared_bytes: int = 0,
     ) -> None:
-        """Launches `name` on torch's current stream; `args` are (value, ctypes type) pairs."""
+        """Launches `name` on torch's current stream; `args` are (value, ctypes type) pairs (a
+        ctypes.Structure goes as (struct, None): the kernel takes it by value)."""
         from cuda.bindings import driver
 
         fn = self.function(name)
+        if shared_bytes > 48 * 1024 and self._shared_limits.get(name, 0) < shared_bytes:
+            attr = driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+            _check(driver.cuFuncSetAttribute(fn, attr, shared_bytes))
+            self._shared_limits[name] = shared_bytes
         values = tuple(v.data_ptr() if isinstance(v, torch.Tensor) else v for v, _ in args)
         types = tuple(t for _, t in args)
         stream = torch.cuda.current_stream().cuda_stream
@@ -222,3 +228,128 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch
         ]
         name = f"rotary_{DTYPE_SUFFIX[q.dtype]}"
         KERNELS.launch(name, (num_tokens, 1, 1), (_threads(num_heads * half), 1, 1), args)
+
+
+# ---- paged attention (csrc/attention.cu) ----
+
+ATTN_ROWS = 64  # query rows per CTA; ATTN_ROWS in csrc/attention.cu
+ATTN_THREADS = 128
+ATTN_HEAD_DIMS = (64, 80, 128)
+MAX_SPLITS = 64
+
+
+class _AttentionParams(ctypes.Structure):
+    """Mirror of csrc/attention.cu's AttentionParams (passed by value)."""
+
+    _fields_ = [
+        ("out", ctypes.c_void_p),
+        ("partial_out", ctypes.c_void_p),
+        ("partial_lse", ctypes.c_void_p),
+        ("q", ctypes.c_void_p),
+        ("kv_cache", ctypes.c_void_p),
+        ("query_start_loc", ctypes.c_void_p),
+        ("seq_lens", ctypes.c_void_p),
+        ("block_tables", ctypes.c_void_p),
+        ("tiles", ctypes.c_void_p),
+        ("v_offset", ctypes.c_int64),
+        ("num_tokens", ctypes.c_int32),
+        ("num_heads", ctypes.c_int32),
+        ("num_kv_heads", ctypes.c_int32),
+        ("max_blocks", ctypes.c_int32),
+        ("block_size_log2", ctypes.c_int32),
+        ("scale_log2", ctypes.c_float),
+    ]
+
+
+def attention_tiles(query_start_loc: torch.Tensor, num_tokens: int, group: int) -> torch.Tensor:
+    """The step's query tiles [capacity, 2] int32 (request, first query token; request -1 for
+    unused entries), listed on the device. capacity = ceil(num_tokens / tokens_per_tile) +
+    num_reqs bounds the count from shapes alone, so a CUDA graph can capture it."""
+    assert query_start_loc.dtype == torch.int64 and 1 <= group <= ATTN_ROWS
+    num_reqs = query_start_loc.shape[0] - 1
+    tokens_per_tile = ATTN_ROWS // group
+    capacity = -(-num_tokens // tokens_per_tile) + num_reqs
+    tiles = torch.empty(capacity, 2, dtype=torch.int32, device=query_start_loc.device)
+    args = [
+        (tiles, _PTR),
+        (query_start_loc, _PTR),
+        (num_reqs, ctypes.c_int),
+        (tokens_per_tile, ctypes.c_int),
+        (capacity, ctypes.c_int),
+    ]
+    KERNELS.launch("attention_plan", (1, 1, 1), (1024, 1, 1), args)
+    return tiles
+
+
+def attention_splits(num_tiles: int, num_kv_heads: int, device: torch.device) -> int:
+    """How many CTAs share each tile's keys: enough for about two CTAs per SM when the batch
+    alone gives fewer. Depends on shapes only (CUDA graphs replay it); a CTA whose slice of a
+    short context is empty exits at once."""
+    num_sms = torch.cuda.get_device_properties(device).multi_processor_count
+    ctas = num_tiles * num_kv_heads
+    return 1 if ctas >= num_sms else min(MAX_SPLITS, -(-2 * num_sms // ctas))
+
+
+def paged_attention(
+    q: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+    kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
+    query_start_loc: torch.Tensor,  # [num_reqs + 1] int64
+    seq_lens: torch.Tensor,  # [num_reqs] int64
+    block_tables: torch.Tensor,  # [num_reqs, max_blocks] int64
+    tiles: torch.Tensor,  # from attention_tiles
+    scale: float,
+    num_splits: int = 1,
+) -> torch.Tensor:
+    """Causal attention of every query over its request's cached context (the CUDA twin of
+    TorchAttentionBackend after the cache write); [num_tokens, num_heads, head_dim]."""
+    num_tokens, num_heads, head_dim = q.shape
+    block_size, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3]
+    assert q.is_contiguous() and kv_cache.is_contiguous() and block_tables.is_contiguous()
+    assert q.dtype == kv_cache.dtype and q.dtype in (torch.float16, torch.bfloat16)
+    assert head_dim in ATTN_HEAD_DIMS and kv_cache.shape[4] == head_dim
+    assert num_heads % num_kv_heads == 0 and block_size & (block_size - 1) == 0
+    assert seq_lens.dtype == block_tables.dtype == torch.int64
+    out = torch.empty_like(q)
+    if num_tokens == 0:
+        return out
+    partial_out = partial_lse = None
+    if num_splits > 1:
+        partial_out = torch.empty(num_splits, *q.shape, dtype=torch.float32, device=q.device)
+        partial_lse = torch.empty(num_splits, num_tokens, num_heads, device=q.device)
+    params = _AttentionParams(
+        out.data_ptr(),
+        0 if partial_out is None else partial_out.data_ptr(),
+        0 if partial_lse is None else partial_lse.data_ptr(),
+        q.data_ptr(),
+        kv_cache.data_ptr(),
+        query_start_loc.data_ptr(),
+        seq_lens.data_ptr(),
+        block_tables.data_ptr(),
+        tiles.data_ptr(),
+        kv_cache[0].numel(),
+        num_tokens,
+        num_heads,
+        num_kv_heads,
+        block_tables.shape[1],
+        block_size.bit_length() - 1,
+        scale * 1.4426950408889634,  # log2(e)
+    )
+    suffix = DTYPE_SUFFIX[q.dtype]
+    row = head_dim + 8  # SMEM_PAD
+    shared_bytes = (ATTN_ROWS + 4 * 64) * row * q.element_size()  # Q + two stages of K and V
+    grid = (tiles.shape[0], num_kv_heads, num_splits)
+    name = f"paged_attention_{suffix}_d{head_dim}"
+    KERNELS.launch(name, grid, (ATTN_THREADS, 1, 1), [(params, None)], shared_bytes)
+    if num_splits > 1:
+        args = [
+            (out, _PTR),
+            (partial_out, _PTR),
+            (partial_lse, _PTR),
+            (num_splits, ctypes.c_int),
+            (num_tokens, ctypes.c_int),
+            (num_heads, ctypes.c_int),
+            (head_dim, ctypes.c_int),
+        ]
+        grid = (num_tokens, num_heads, 1)
+        KERNELS.launch(f"attention_merge_{suffix}", grid, (_threads(head_dim), 1, 1), args)
+    return out

@@ -12,6 +12,7 @@ is the CPU path and their test oracle.
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -33,8 +34,9 @@ class AttentionMetadata:
     block_tables: torch.Tensor  # [num_reqs, max_blocks] int64, padded with 0
     max_query_len: int
     max_seq_len: int
-    # Filled lazily by the backend that needs them (the torch path's gather indices and mask).
-    backend_state: dict[str, torch.Tensor] | None = None
+    # Filled lazily by the backend at the step's first layer (the torch path's gather indices
+    # and mask, the CUDA path's tile list).
+    backend_state: dict[str, Any] | None = None
 
     @property
     def num_reqs(self) -> int:

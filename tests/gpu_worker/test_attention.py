@@ -24,6 +24,7 @@ from mm_runtime.gpu_worker.layers.attention import (
     TorchAttentionBackend,
     write_kv_cache,
 )
+from mm_runtime.gpu_worker.layers.cuda_attention import CudaAttentionBackend
 
 BLOCK_SIZE = 16
 NUM_KV_HEADS = 2
@@ -45,6 +46,16 @@ BACKENDS = [
     pytest.param(
         BackendCase(TorchAttentionBackend, "cuda", torch.bfloat16, 2e-2, 2e-2),
         id="torch-cuda-bf16",
+        marks=pytest.mark.gpu,
+    ),
+    pytest.param(
+        BackendCase(CudaAttentionBackend, "cuda", torch.bfloat16, 2e-2, 2e-2),
+        id="csrc-bf16",
+        marks=pytest.mark.gpu,
+    ),
+    pytest.param(
+        BackendCase(CudaAttentionBackend, "cuda", torch.float16, 3e-3, 3e-3),
+        id="csrc-fp16",
         marks=pytest.mark.gpu,
     ),
 ]

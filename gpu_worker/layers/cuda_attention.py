@@ -1,0 +1,47 @@
+"""The CUDA attention backend: csrc/ kernels for the cache write and paged attention.
+
+Reads only the device tensors of `AttentionMetadata` and shapes (never `max_seq_len` or
+`max_query_len`, which are host values), and plans its tiles on the device once per step (the
+first layer's call), so a decode step can be captured in a CUDA graph and replayed.
+"""
+
+import torch
+
+from mm_runtime.gpu_worker import kernels
+from mm_runtime.gpu_worker.layers.attention import AttentionBackend, AttentionMetadata
+
+
+class CudaAttentionBackend(AttentionBackend):
+    """bf16/fp16, head dims 64/80/128, any power-of-two block size, GQA."""
+
+    @staticmethod
+    def supports(dtype: torch.dtype, head_dim: int) -> bool:
+        return dtype in (torch.float16, torch.bfloat16) and head_dim in kernels.ATTN_HEAD_DIMS
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
+        kernels.write_kv_cache(k.contiguous(), v.contiguous(), kv_cache, meta.slot_mapping)
+        num_kv_heads = kv_cache.shape[3]
+        group = q.shape[1] // num_kv_heads
+        if meta.backend_state is None:
+            tiles = kernels.attention_tiles(meta.query_start_loc, q.shape[0], group)
+            splits = kernels.attention_splits(tiles.shape[0], num_kv_heads, q.device)
+            meta.backend_state = {"tiles": tiles, "num_splits": splits}
+        state = meta.backend_state
+        return kernels.paged_attention(
+            q.contiguous(),
+            kv_cache,
+            meta.query_start_loc,
+            meta.seq_lens,
+            meta.block_tables,
+            state["tiles"],
+            scale,
+            state["num_splits"],
+        )
