@@ -2,12 +2,16 @@
 
 The inverse frequencies come from transformers' own rope-init functions, so every rope type a
 config can name (default, linear, dynamic, llama3, yarn, ...) matches Hugging Face exactly.
+The decoder computes cos/sin once per step (`prepare`) and every layer applies them (`apply`):
+in torch on the CPU, with the csrc/ kernel in place on CUDA tensors.
 """
 
 import torch
 from torch import nn
 from transformers import PretrainedConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+from mm_runtime.gpu_worker import kernels
 
 
 def rope_parameters(config: PretrainedConfig) -> dict:
@@ -56,11 +60,32 @@ class RotaryEmbedding(nn.Module):
         sin = (emb.sin() * self.attention_scaling).to(dtype)
         return cos[:, None, :], sin[:, None, :]  # broadcast over heads
 
+    def prepare(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        """The step's cos/sin for `apply`: [num_tokens, 1, head_dim] for the torch path, the
+        first halves [num_tokens, head_dim // 2] for the kernel (the halves are equal)."""
+        cos, sin = self.cos_sin(positions, dtype)
+        if positions.is_cuda:
+            half = cos.shape[-1] // 2
+            return cos[:, 0, :half].contiguous(), sin[:, 0, :half].contiguous()
+        return cos, sin
+
+    def apply(
+        self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # q: [num_tokens, num_heads, head_dim], k: [num_tokens, num_kv_heads, head_dim]
+        if q.is_cuda:
+            q, k = q.contiguous(), k.contiguous()  # views of the fused QKV output
+            kernels.apply_rotary(q, k, cos, sin)
+            return q, k
+        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        # q: [num_tokens, num_heads, head_dim], k: [num_tokens, num_kv_heads, head_dim]
+        """The torch reference: cos/sin and the rotation in one call."""
         cos, sin = self.cos_sin(positions, q.dtype)
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
-        return q, k
+        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + _rotate_half(x) * sin

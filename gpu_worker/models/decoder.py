@@ -46,7 +46,7 @@ class DecoderAttention(nn.Module):
 
     def forward(
         self,
-        positions: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
         hidden: torch.Tensor,
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
@@ -56,7 +56,7 @@ class DecoderAttention(nn.Module):
         q = q.view(n, self.num_heads, self.head_dim)  # [num_tokens, num_heads, head_dim]
         k = k.view(n, self.num_kv_heads, self.head_dim)  # [num_tokens, num_kv_heads, head_dim]
         v = v.view(n, self.num_kv_heads, self.head_dim)
-        q, k = self.rotary(positions, q, k)
+        q, k = self.rotary.apply(q, k, *rope)
         out = self.attn(q, k, v, kv_cache, meta)  # [num_tokens, num_heads, head_dim]
         return self.o_proj(out.reshape(n, self.q_size))
 
@@ -89,14 +89,14 @@ class DecoderLayer(nn.Module):
 
     def forward(
         self,
-        positions: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
         hidden: torch.Tensor,
         residual: torch.Tensor | None,
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(positions, hidden, kv_cache, meta)
+        hidden = self.self_attn(rope, hidden, kv_cache, meta)
         hidden, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(hidden), residual
 
@@ -135,7 +135,8 @@ class Decoder(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         hidden, residual = inputs_embeds, None
+        rope = self.rotary.prepare(positions, inputs_embeds.dtype)  # once for all layers
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            hidden, residual = layer(positions, hidden, residual, kv_cache, meta)
+            hidden, residual = layer(rope, hidden, residual, kv_cache, meta)
         hidden, _ = self.norm(hidden, residual)
         return hidden  # [num_tokens, hidden]
