@@ -12,6 +12,7 @@ from collections.abc import Callable
 from mm_runtime.shared.config import FrontendConfig, GpuWorkerConfig, parse_limit_mm_per_prompt
 from mm_runtime.shared.errors import MMRuntimeError
 from mm_runtime.shared.logs import setup_process_logging
+from mm_runtime.shared.model_dirs import write_model_dir
 from mm_runtime.shared.tiny_models import ARCHS, write_tiny_model
 
 logger = logging.getLogger(__name__)
@@ -38,6 +39,7 @@ def _build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_serve(subparsers)
     _add_make_tiny_model(subparsers)
+    _add_make_model_dir(subparsers)
     return parser
 
 
@@ -78,6 +80,29 @@ def _cmd_make_tiny_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_make_model_dir(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "make-model-dir",
+        help="write a real-size model directory without weights (serve it with dummy weights)",
+        description="Write config, tokenizer (the real special-token ids), processor and chat "
+        "template of a real model, without weights, for benchmarks with --load-format dummy.",
+    )
+    p.add_argument("out_dir", metavar="OUT_DIR", help="directory to write (created if missing)")
+    p.add_argument(
+        "--config",
+        required=True,
+        help="bench config JSON (hub config + preprocessor config), e.g. "
+        "bench/configs/qwen2_vl_2b.json",
+    )
+    p.set_defaults(handler=_cmd_make_model_dir)
+
+
+def _cmd_make_model_dir(args: argparse.Namespace) -> int:
+    out = write_model_dir(args.out_dir, args.config)
+    logger.info("wrote %s (no weights: serve with --load-format dummy)", out)
+    return 0
+
+
 def _add_serve(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "serve",
@@ -105,6 +130,9 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--limit-mm-per-prompt", default="image=4", help="e.g. image=4")
     p.add_argument("--allowed-local-media-path", default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--enforce-eager", action="store_true", help="no CUDA graphs: run decode steps eagerly"
+    )
     p.set_defaults(handler=_cmd_serve)
 
 
@@ -140,6 +168,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         enable_prefix_caching=not args.no_prefix_caching,
         encoder_cache_tokens=args.encoder_cache_tokens,
         seed=args.seed,
+        enforce_eager=args.enforce_eager,
     )
     return serve(frontend_config, gpu_config)
 

@@ -75,6 +75,7 @@ class LLM:
         encoder_cache_tokens: int | None = None,
         max_encoder_tokens_per_step: int | None = None,
         seed: int = 0,
+        enforce_eager: bool = False,
     ) -> None:
         self.config = GpuWorkerConfig(
             model=str(model),
@@ -92,6 +93,7 @@ class LLM:
             encoder_cache_tokens=encoder_cache_tokens,
             max_encoder_tokens_per_step=max_encoder_tokens_per_step,
             seed=seed,
+            enforce_eager=enforce_eager,
         )
         self.engine = EngineCore(self.config)
         self.prompts = PromptBuilder(self.engine.info)

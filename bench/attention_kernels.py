@@ -20,6 +20,7 @@ import statistics
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from workload import markdown_table  # bench/ is the script dir on sys.path
 
 from mm_runtime.gpu_worker import kernels
 
@@ -188,22 +189,22 @@ def main() -> None:
     ]
     print(f"device: {device}; copy bandwidth {copy_gbs:.0f} GB/s (read + write, 2 GiB)")
     print("(a) decode attention, bf16, block 16")
-    print("| model | batch | context | time | effective GB/s | of copy |")
-    print("| --- | --- | --- | --- | --- | --- |")
-    for r in decode:
-        print(
-            f"| {r['model']} | {r['batch']} | {r['context']} | {r['ms'] * 1e3:.1f} us "
-            f"| {r['GB/s']:.0f} | {r['of_copy'] * 100:.0f} % |"
-        )
+    header = ["model", "batch", "context", "time", "effective GB/s", "of copy"]
+    table = [
+        [r["model"], str(r["batch"]), str(r["context"]), f"{r['ms'] * 1e3:.1f} us"]
+        + [f"{r['GB/s']:.0f}", f"{r['of_copy'] * 100:.0f} %"]
+        for r in decode
+    ]
+    print(markdown_table(header, table))
     print("(b) prefill attention (causal), bf16")
-    print("| model | batch x length | ours | ours TFLOP/s | SDPA flash | SDPA TFLOP/s | of SDPA |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
-    for r in prefill:
-        print(
-            f"| {r['model']} | {r['batch']} x {r['length']} | {r['ours_ms']:.3f} ms "
-            f"| {r['ours_TFLOPs']:.0f} | {r['sdpa_ms']:.3f} ms | {r['sdpa_TFLOPs']:.0f} "
-            f"| {r['of_sdpa'] * 100:.0f} % |"
-        )
+    header = ["model", "batch x length", "ours", "ours TFLOP/s", "SDPA flash", "SDPA TFLOP/s"]
+    table = [
+        [r["model"], f"{r['batch']} x {r['length']}", f"{r['ours_ms']:.3f} ms"]
+        + [f"{r['ours_TFLOPs']:.0f}", f"{r['sdpa_ms']:.3f} ms", f"{r['sdpa_TFLOPs']:.0f}"]
+        + [f"{r['of_sdpa'] * 100:.0f} %"]
+        for r in prefill
+    ]
+    print(markdown_table([*header, "of SDPA"], table))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(

@@ -1,4 +1,5 @@
-"""The VisionArena-like workload shared by the benchmarks: image sizes and questions."""
+"""What the benchmarks share: the VisionArena-like workload (image sizes, questions) and the
+markdown table they print."""
 
 IMAGE_SIZES = [  # (width, height)
     (336, 336),
@@ -16,3 +17,10 @@ QUESTIONS = [
     "How many people are there?",
     "Is this a photo of a kitchen?",
 ]
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    """A GitHub markdown table, as bench/RESULTS.md keeps them."""
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)

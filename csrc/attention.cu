@@ -353,8 +353,10 @@ __device__ void attention_merge(T* __restrict__ out, const float* __restrict__ p
       paged_attention_##NAME##_d##D(const AttentionParams p) {                                     \
     paged_attention<T, D>(p);                                                                      \
   }
-#define PAGED_ATTENTION_ALL_DIMS(NAME, T) \
-  PAGED_ATTENTION(NAME, T, 64) PAGED_ATTENTION(NAME, T, 80) PAGED_ATTENTION(NAME, T, 128)
+// 64/80/128: the served models; 16/32: the tiny test models, so they take the same path on GPU.
+#define PAGED_ATTENTION_ALL_DIMS(NAME, T)                                                     \
+  PAGED_ATTENTION(NAME, T, 16) PAGED_ATTENTION(NAME, T, 32) PAGED_ATTENTION(NAME, T, 64)      \
+      PAGED_ATTENTION(NAME, T, 80) PAGED_ATTENTION(NAME, T, 128)
 PAGED_ATTENTION_ALL_DIMS(f16, __half)
 PAGED_ATTENTION_ALL_DIMS(bf16, __nv_bfloat16)
 

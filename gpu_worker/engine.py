@@ -49,10 +49,12 @@ class EngineCore:
             config.load_format,
         )
         start = time.perf_counter()
-        self.runner = ModelRunner(config, self.info)
+        self.runner = ModelRunner(config, self.info, self.max_model_len)
         logger.info("model loaded in %.1f s", time.perf_counter() - start)
-        self.num_kv_blocks = self.runner.num_kv_blocks_to_allocate(self.max_model_len)
+        # On CUDA: a profile step first, the cache from what is left, then the decode graphs.
+        self.num_kv_blocks = self.runner.num_kv_blocks_to_allocate()
         self.runner.allocate_kv_cache(self.num_kv_blocks)
+        self.runner.capture_cuda_graphs()
         self.kv = KVCacheManager(
             self.num_kv_blocks, config.block_size, config.enable_prefix_caching
         )

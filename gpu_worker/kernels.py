@@ -234,7 +234,7 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch
 
 ATTN_ROWS = 64  # query rows per CTA; ATTN_ROWS in csrc/attention.cu
 ATTN_THREADS = 128
-ATTN_HEAD_DIMS = (64, 80, 128)
+ATTN_HEAD_DIMS = (16, 32, 64, 80, 128)
 MAX_SPLITS = 64
 
 

@@ -26,6 +26,8 @@ class GpuWorkerConfig:
     # Encoder tokens computed per step; None: max_num_batched_tokens. An item is encoded whole.
     max_encoder_tokens_per_step: int | None = None
     seed: int = 0  # seeds the dummy weights and unseeded sampling
+    # Run every step eagerly: no CUDA graphs for decode steps (a debugging and memory knob).
+    enforce_eager: bool = False
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):

@@ -1,11 +1,12 @@
 """Tiny random-weight Hugging Face model directories for tests and the `serve` demo model.
 
 `write_tiny_model` writes everything `from_pretrained` needs, with no hub access: config.json,
-generation_config.json, safetensors weights (optionally sharded), a byte-level BPE tokenizer
-trained here on a built-in corpus, the image (and, for Qwen2-VL, video) processor and a chat
-template. The weights come from `AutoModelForImageTextToText.from_config` under a fixed seed with
-a wide `initializer_range`, so the logits are far from uniform and greedy decoding is decided by
-the weights, not by float noise: tests compare our greedy tokens with HF `generate` exactly.
+generation_config.json, safetensors weights (optionally sharded), and from `model_dirs` the
+byte-level BPE tokenizer trained on a built-in corpus (its specials right after its ~400 tokens),
+the image (and, for Qwen2-VL, video) processor and the chat template. The weights come from
+`AutoModelForImageTextToText.from_config` under a fixed seed with a wide `initializer_range`, so
+the logits are far from uniform and greedy decoding is decided by the weights, not by float
+noise: tests compare our greedy tokens with HF `generate` exactly.
 
 Architectures (shapes mirror the hub models, sizes are tiny):
 - `llava`: LLaVA-1.5 (llava-hf/llava-1.5-7b-hf): CLIP vision tower, 2-layer GELU MLP projector,
@@ -47,92 +48,23 @@ from pathlib import Path
 import torch
 import transformers
 from safetensors.torch import load_file, save_file
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from mm_runtime.shared.errors import ConfigError
+from mm_runtime.shared.model_dirs import (
+    build_generation_config,
+    build_processor,
+    build_tokenizer,
+    prepare_out_dir,
+)
 
 logger = logging.getLogger(__name__)
 
 ARCHS = ("llava", "qwen2_vl")
 # Bump when the files written for a given spec change, so stale caches are not reused.
 TINY_MODEL_VERSION = 1
-NUM_BPE_TOKENS = 384  # trained vocab (byte alphabet + merges); the special tokens come on top
 # Seeded init draws from torch's global RNG: two threads initializing at once would interleave
 # their draws and get weights that depend on timing.
 _INIT_LOCK = threading.Lock()
-
-# Special tokens in id order. llava: Llama's <unk>/<s>/</s> lead the vocab (ids 0-2), <image>
-# and <pad> follow it as in llava-hf. qwen2_vl: all follow the vocab, in Qwen2's order.
-_LLAVA_LEADING_SPECIALS = ["<unk>", "<s>", "</s>"]
-_LLAVA_TRAILING_SPECIALS = ["<image>", "<pad>"]
-_QWEN_SPECIALS = [
-    "<|endoftext|>",
-    "<|im_start|>",
-    "<|im_end|>",
-    "<|vision_start|>",
-    "<|vision_end|>",
-    "<|image_pad|>",
-    "<|video_pad|>",
-]
-
-# LLaVA-1.5 conversation format ("USER: <image>\n{text} ASSISTANT: {reply}</s>"), as llava-hf
-# renders it: a message's image parts ({"type": "image"} or "image_url") first, one "<image>\n"
-# each, then its text parts joined by spaces. Content may also be a plain string.
-LLAVA_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if message['role'] == 'user' %}{{ 'USER: ' }}"
-    "{% elif message['role'] == 'assistant' %}{{ 'ASSISTANT: ' }}{% endif %}"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}"
-    "{% for part in message['content'] if part['type'] in ['image', 'image_url'] %}"
-    "{{ '<image>\n' }}{% endfor %}"
-    "{{ message['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text')"
-    " | join(' ') }}"
-    "{% endif %}"
-    "{% if message['role'] == 'assistant' %}{{ '</s>' }}{% else %}{{ ' ' }}{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
-)
-
-# Qwen2-VL's own chatml template (default system prompt, one vision block per image/video part).
-QWEN2_VL_CHAT_TEMPLATE = (
-    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
-    "{% for message in messages %}"
-    "{% if loop.first and message['role'] != 'system' %}"
-    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
-    "<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
-    "{% else %}{% for part in message['content'] %}"
-    "{% if part['type'] in ['image', 'image_url'] %}"
-    "{% set image_count.value = image_count.value + 1 %}"
-    "{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}"
-    "<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif part['type'] in ['video', 'video_url'] %}"
-    "{% set video_count.value = video_count.value + 1 %}"
-    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}"
-    "<|vision_start|><|video_pad|><|vision_end|>"
-    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
-    "{% endfor %}<|im_end|>\n{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-
-# Training text for the BPE: plain English plus the words the chat templates use, so common
-# words become single tokens and prompts stay short.
-_CORPUS = """\
-USER: What is in this image? ASSISTANT: The image shows a small red ball on a wooden table.
-USER: Describe the picture in detail. ASSISTANT: A cat is sitting on a mat next to a window.
-system You are a helpful assistant. user assistant Picture Video
-The quick brown fox jumps over the lazy dog. A man and a woman walk along the river at night.
-There are two dogs playing in the park, and the sun is shining over the green trees.
-What color is the car? The car is blue. How many people are there? There are three people.
-Please answer the question with a short sentence. Thank you for your help, that was great.
-The weather today is warm and sunny, with a light wind from the sea and a few white clouds.
-She reads a book in the library while he writes a letter to his friend in the city.
-Is this a photo of a kitchen? Yes, it is a kitchen with a white table, four chairs and a lamp.
-The model looks at the image and answers the question about the objects it can see there.
-In the morning the children go to school, and in the evening they come home and play games.
-"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,23 +150,20 @@ def write_tiny_model(
     """
     if isinstance(spec, str):
         spec = TinyModelSpec(arch=spec)
-    out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
-        raise ConfigError(f"{out} is not empty")
-    out.mkdir(parents=True, exist_ok=True)
-    tokenizer = _build_tokenizer(spec)
+    out = prepare_out_dir(out_dir)
+    tokenizer = build_tokenizer(spec.arch, spec.max_position_embeddings)
     config = _build_config(spec, tokenizer)
     with _INIT_LOCK, torch.random.fork_rng(devices=[]):  # leaves the caller's RNG state as is
         torch.manual_seed(seed)
         model = transformers.AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
     _mute_vision_tokens(model, config)
-    model.generation_config = _generation_config(spec.arch, tokenizer)
+    model.generation_config = build_generation_config(spec.arch, tokenizer)
     # save_original_format=False: keep the module names; legacy names are written explicitly.
     kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
     model.save_pretrained(out, save_original_format=False, **kwargs)
     if legacy_layout:
         _rename_checkpoint(out, spec.arch)
-    _build_processor(spec, tokenizer).save_pretrained(out)
+    build_processor(config, tokenizer, _image_settings(spec)).save_pretrained(out)
     logger.debug("wrote tiny %s model to %s", spec.arch, out)
     return out
 
@@ -263,56 +192,6 @@ def tiny_model_dir(arch: str, cache_dir: str | Path | None = None) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
-
-
-# ---------------------------------------------------------------------------------------------
-# Tokenizer
-
-
-def _build_tokenizer(spec: TinyModelSpec) -> transformers.PreTrainedTokenizerFast:
-    """A byte-level BPE (lossless on any text) trained on _CORPUS, with the arch's specials."""
-    arch = spec.arch
-    leading = _LLAVA_LEADING_SPECIALS if arch == "llava" else []
-    trailing = _LLAVA_TRAILING_SPECIALS if arch == "llava" else _QWEN_SPECIALS
-    tok = Tokenizer(models.BPE(unk_token="<unk>" if arch == "llava" else None))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=NUM_BPE_TOKENS + len(leading),
-        special_tokens=leading,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(_CORPUS.splitlines(), trainer)
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in trailing])
-    if arch == "llava":
-        # Llama prepends <s> to every encoded text; Qwen2 adds nothing.
-        tok.post_processor = processors.TemplateProcessing(
-            single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tok.token_to_id("<s>"))]
-        )
-        names = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
-        names["pad_token"] = "<pad>"
-    else:
-        names = {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}
-    return transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        clean_up_tokenization_spaces=False,  # keep decode(encode(s)) == s
-        model_max_length=spec.max_position_embeddings,
-        **names,
-    )
-
-
-def _generation_config(
-    arch: str, tok: transformers.PreTrainedTokenizerFast
-) -> transformers.GenerationConfig:
-    """Greedy by default; eos/bos/pad as the hub models' generation_config.json has them."""
-    if arch == "llava":
-        ids = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id}
-    else:
-        # Qwen2-VL stops on <|im_end|> and on <|endoftext|>; it has no bos in its prompts.
-        end = tok.convert_tokens_to_ids("<|endoftext|>")
-        ids = {"bos_token_id": end, "eos_token_id": [tok.eos_token_id, end]}
-    return transformers.GenerationConfig(pad_token_id=tok.pad_token_id, **ids)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -466,24 +345,15 @@ def _rename_checkpoint(out: Path, arch: str) -> None:
 # Processor
 
 
-def _build_processor(
-    spec: TinyModelSpec, tok: transformers.PreTrainedTokenizerFast
-) -> transformers.ProcessorMixin:
+def _image_settings(spec: TinyModelSpec) -> dict[str, object]:
+    """The image processor's fields, as preprocessor_config.json holds them, for `spec`."""
     if spec.arch == "llava":
-        image_processor = transformers.CLIPImageProcessor(
-            size={"shortest_edge": spec.image_size},
-            crop_size={"height": spec.image_size, "width": spec.image_size},
-        )
-        return transformers.LlavaProcessor(
-            image_processor=image_processor,
-            tokenizer=tok,
-            patch_size=spec.patch_size,
-            vision_feature_select_strategy="default",
-            num_additional_image_tokens=1,  # CLIP's CLS, dropped again by "default"
-            chat_template=LLAVA_CHAT_TEMPLATE,
-        )
+        return {
+            "size": {"shortest_edge": spec.image_size},
+            "crop_size": {"height": spec.image_size, "width": spec.image_size},
+        }
     token_px = spec.patch_size * spec.spatial_merge_size  # one merged token covers token_px^2
-    vision = {
+    return {
         "size": {
             "shortest_edge": spec.min_image_tokens * token_px**2,
             "longest_edge": spec.max_image_tokens * token_px**2,
@@ -492,9 +362,3 @@ def _build_processor(
         "temporal_patch_size": spec.temporal_patch_size,
         "merge_size": spec.spatial_merge_size,
     }
-    return transformers.Qwen2VLProcessor(
-        image_processor=transformers.Qwen2VLImageProcessor(**vision),
-        tokenizer=tok,
-        video_processor=transformers.Qwen2VLVideoProcessor(**vision),
-        chat_template=QWEN2_VL_CHAT_TEMPLATE,
-    )

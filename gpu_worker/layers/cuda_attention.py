@@ -12,7 +12,7 @@ from mm_runtime.gpu_worker.layers.attention import AttentionBackend, AttentionMe
 
 
 class CudaAttentionBackend(AttentionBackend):
-    """bf16/fp16, head dims 64/80/128, any power-of-two block size, GQA."""
+    """bf16/fp16, head dims 16/32/64/80/128, any power-of-two block size, GQA."""
 
     @staticmethod
     def supports(dtype: torch.dtype, head_dim: int) -> bool:

@@ -36,7 +36,10 @@ class RotaryEmbedding(nn.Module):
         rope_type = params.get("rope_type", params.get("type", "default"))
         if rope_type in ("default", "mrope"):  # old Qwen2-VL configs name M-RoPE as a type
             base = params["rope_theta"]
-            inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
+            # On the CPU, as the init functions below: the loader builds under `torch.device`,
+            # and CUDA's pow differs from the CPU's in the last bit of some frequencies.
+            exponents = torch.arange(0, head_dim, 2, dtype=torch.float, device="cpu") / head_dim
+            inv_freq = 1.0 / (base**exponents)
             scaling = 1.0
         else:
             inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, "cpu")

@@ -7,6 +7,7 @@ to ours (both the hub layout and transformers 5's `save_pretrained` layout).
 
 from abc import ABC, abstractmethod
 
+import numpy as np
 import torch
 from torch import nn
 from transformers import PretrainedConfig
@@ -14,6 +15,7 @@ from transformers import PretrainedConfig
 from mm_runtime.gpu_worker.layers.attention import AttentionBackend, AttentionMetadata
 from mm_runtime.gpu_worker.models.decoder import Decoder
 from mm_runtime.gpu_worker.request import Request
+from mm_runtime.gpu_worker.scheduler import ScheduledRequest
 from mm_runtime.shared.errors import InvalidRequest
 from mm_runtime.shared.wire import MMItem
 
@@ -47,12 +49,29 @@ class MultimodalModel(nn.Module, ABC):
     def item_length(self, item: MMItem) -> int:
         """Encoder output tokens the item's tensors will give; `InvalidRequest` if malformed."""
 
+    @abstractmethod
+    def dummy_encoder_items(self, max_tokens: int) -> list[MMItem]:
+        """The worst-case encoder input of one step for the memory profile: items of the
+        largest size the processor makes, together at least `max_tokens` encoder tokens (CPU
+        tensors, zeros; each placeholder's length is the item's `item_length`)."""
+
     def prepare_request(self, req: Request) -> None:
         """Per-request state computed once on arrival (Qwen2-VL's M-RoPE positions)."""
 
-    def positions(self, req: Request, start: int, end: int) -> torch.Tensor:
-        """Positions of the request's tokens [start, end): [n], or [3, n] with M-RoPE."""
-        return torch.arange(start, end)
+    @property
+    def uses_mrope(self) -> bool:
+        """Positions are [3, num_tokens] (M-RoPE), written by `write_mrope_positions`."""
+        return self.language_model.uses_mrope
+
+    def write_mrope_positions(
+        self,
+        scheduled: list[ScheduledRequest],
+        query_start_loc: np.ndarray,  # [num_reqs + 1]: where each request's tokens start
+        token_pos: np.ndarray,  # [num_tokens]: each token's index in its request
+        out: np.ndarray,  # [3, num_tokens], written
+    ) -> None:
+        """M-RoPE positions of a flattened batch; other models' positions are `token_pos`."""
+        raise NotImplementedError(f"{type(self).__name__} does not use M-RoPE")
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.language_model.embed_tokens(input_ids)

@@ -12,7 +12,7 @@ from mm_runtime.gpu_worker.layers.attention import AttentionBackend
 from mm_runtime.gpu_worker.models.base import MultimodalModel, item_tensor
 from mm_runtime.shared.errors import InvalidRequest
 from mm_runtime.shared.model_info import num_image_tokens
-from mm_runtime.shared.wire import MMItem
+from mm_runtime.shared.wire import MMItem, PlaceholderRange
 
 
 class LlavaModel(MultimodalModel):
@@ -50,6 +50,22 @@ class LlavaModel(MultimodalModel):
                 f"pixel_values of shape {tuple(pixels.shape)}, expected {expected}"
             )
         return num_image_tokens(self.config, item.tensors)
+
+    def dummy_encoder_items(self, max_tokens: int) -> list[MMItem]:
+        # Every CLIP image is the processor's crop (image_size^2, 336^2 for LLaVA-1.5).
+        vision = self.config.vision_config
+        shape = (1, vision.num_channels, vision.image_size, vision.image_size)
+        tensors = {"pixel_values": torch.zeros(shape)}
+        length = num_image_tokens(self.config, tensors)
+        return [
+            MMItem(
+                modality="image",
+                mm_hash=f"dummy-{i}",
+                placeholder=PlaceholderRange(i * length, length),
+                tensors=tensors,
+            )
+            for i in range(max(1, -(-max_tokens // length)))
+        ]
 
     def encode(self, items: list[MMItem]) -> list[torch.Tensor]:
         if not items:

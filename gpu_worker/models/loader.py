@@ -1,11 +1,16 @@
 """Builds a model from a Hugging Face directory and loads its safetensors (single or sharded).
 
-`load_format="dummy"` skips the files and fills every parameter with small seeded random values
-of the real shapes, for benchmarks of real-size models without downloads.
+The model is constructed on the target device in the target dtype, and checkpoint tensors are
+copied straight into its parameters: no float32 copy on the CPU first (28 GB for a 7B model).
+`load_format="dummy"` skips the files (a directory from `shared/model_dirs.py` has none) and
+fills every parameter on the device with small seeded random values of the real shapes, for
+benchmarks of real-size models without downloads.
 """
 
 import json
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -77,12 +82,29 @@ def load_weights(model: MultimodalModel, model_dir: Path) -> None:
 
 
 def fill_dummy_weights(model: nn.Module, seed: int) -> None:
-    generator = torch.Generator().manual_seed(seed)
-    for param in model.parameters():
-        values = torch.empty(param.shape, dtype=torch.float32).uniform_(
-            -1e-2, 1e-2, generator=generator
-        )
-        param.data.copy_(values)
+    """Uniform in [-1e-2, 1e-2], drawn in place on the parameters' device and dtype. On the CPU in
+    float32 the values are those of a float32 CPU draw: the same seed gives the same model."""
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.uniform_(-1e-2, 1e-2, generator=generator)
+
+
+@contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """Floating tensors created without a dtype get `dtype`; the old default comes back after.
+
+    Process-wide, not per thread: nothing else should create tensors meanwhile (the engine
+    builds its model before it serves). Tensors created with an explicit dtype keep it, which
+    keeps the rotary `inv_freq`s (ours, and the Qwen2-VL ViT's buffer) in float32.
+    """
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
 
 
 def build_model(
@@ -93,14 +115,27 @@ def build_model(
     load_format: str = "auto",
     seed: int = 0,
 ) -> MultimodalModel:
+    """The model of `info` on `device` in `dtype`, its weights loaded (or dummy), in eval mode.
+
+    Built under `torch.device(device)` and `dtype` as the default dtype, so parameters are born
+    where and as they will live. No `model.to(dtype)` afterwards: it would also round the float32
+    buffers transformers' vision modules compute at init (the Qwen2-VL ViT's rotary inv_freq).
+    """
     config = info.hf_config
-    # The vision modules are transformers' own: make them use SDPA as from_pretrained would.
-    for sub in (config, getattr(config, "vision_config", None)):
+    vision_config = getattr(config, "vision_config", None)
+    # The vision modules are transformers' own: make them use SDPA as from_pretrained would, and
+    # our dtype (`_from_config` builds under `config.dtype`, float32 in tiny models' configs).
+    for sub in (config, vision_config):
         if sub is not None and getattr(sub, "_attn_implementation", None) is None:
             sub._attn_implementation = "sdpa"
-    model = MODEL_CLASSES[info.model_type](config, backend)
+    if vision_config is not None:
+        vision_config.dtype = dtype
+    with torch.device(device), _default_dtype(dtype):
+        model = MODEL_CLASSES[info.model_type](config, backend)
+    wrong = {p.dtype for p in model.parameters()} - {dtype}
+    assert not wrong, f"parameters built in {wrong}, not {dtype}"
     if load_format == "dummy":
         fill_dummy_weights(model, seed)
     else:
         load_weights(model, Path(info.model_dir))
-    return model.to(device=device, dtype=dtype).eval()
+    return model.eval()

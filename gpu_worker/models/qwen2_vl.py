@@ -7,6 +7,11 @@ their index plus `mrope_delta` (max prompt position + 1 - prompt length) in all 
 exactly as transformers' `get_rope_index` / `compute_3d_position_ids`.
 """
 
+import json
+import math
+from pathlib import Path
+
+import numpy as np
 import torch
 from transformers import PretrainedConfig
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
@@ -14,9 +19,31 @@ from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransforme
 from mm_runtime.gpu_worker.layers.attention import AttentionBackend
 from mm_runtime.gpu_worker.models.base import MultimodalModel, item_tensor
 from mm_runtime.gpu_worker.request import Request
+from mm_runtime.gpu_worker.scheduler import ScheduledRequest
 from mm_runtime.shared.errors import InvalidRequest
 from mm_runtime.shared.model_info import num_image_tokens
-from mm_runtime.shared.wire import MMItem
+from mm_runtime.shared.wire import MMItem, PlaceholderRange
+
+# Qwen2VLImageProcessor's defaults, for a model directory without processor settings.
+DEFAULT_MIN_PIXELS = 56 * 56
+DEFAULT_MAX_PIXELS = 28 * 28 * 1280
+
+
+def image_processor_settings(model_dir: str | Path) -> dict:
+    """The image processor's settings: preprocessor_config.json (hub layout), else the
+    `image_processor` section of processor_config.json (transformers 5 `save_pretrained`)."""
+    path = Path(model_dir)
+    sources = (("preprocessor_config.json", None), ("processor_config.json", "image_processor"))
+    for name, section in sources:
+        file = path / name
+        if not file.is_file():
+            continue
+        settings = json.loads(file.read_text())
+        if section is not None and isinstance(settings, dict):
+            settings = settings.get(section)
+        if isinstance(settings, dict):
+            return settings
+    return {}
 
 
 class Qwen2VLModel(MultimodalModel):
@@ -51,6 +78,42 @@ class Qwen2VLModel(MultimodalModel):
             )
         return num_image_tokens(self.config, item.tensors)
 
+    def dummy_encoder_items(self, max_tokens: int) -> list[MMItem]:
+        # Square images at max_pixels (the most patches one image can have, and the largest
+        # ViT attention); the last one keeps only the rows needed to reach max_tokens.
+        settings = image_processor_settings(self.config.name_or_path or "")
+        size = settings.get("size") or {}
+        max_pixels = settings.get("max_pixels") or size.get("longest_edge") or DEFAULT_MAX_PIXELS
+        min_pixels = settings.get("min_pixels") or size.get("shortest_edge") or DEFAULT_MIN_PIXELS
+        vision = self.config.vision_config
+        patch = settings.get("patch_size") or vision.patch_size
+        merge = settings.get("merge_size") or self.spatial_merge_size
+        factor = patch * merge  # image pixels per merged token, along each side
+        side = max(1, math.isqrt(max_pixels) // factor)  # merged tokens along each side
+        min_rows = max(1, -(-min_pixels // (factor * factor * side)))
+        items: list[MMItem] = []
+        num_tokens = 0
+        while num_tokens < max(1, max_tokens):
+            rows = min(side, max(min_rows, -(-(max_tokens - num_tokens) // side)))
+            items.append(self._dummy_item(len(items), num_tokens, rows * merge, side * merge))
+            num_tokens += items[-1].placeholder.length
+        return items
+
+    def _dummy_item(self, index: int, offset: int, grid_h: int, grid_w: int) -> MMItem:
+        vision = self.config.vision_config
+        patch_dim = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
+        tensors = {
+            "pixel_values": torch.zeros(grid_h * grid_w, patch_dim),
+            "image_grid_thw": torch.tensor([[1, grid_h, grid_w]]),
+        }
+        length = num_image_tokens(self.config, tensors)
+        return MMItem(
+            modality="image",
+            mm_hash=f"dummy-{index}",
+            placeholder=PlaceholderRange(offset, length),
+            tensors=tensors,
+        )
+
     def encode(self, items: list[MMItem]) -> list[torch.Tensor]:
         if not items:
             return []
@@ -84,11 +147,21 @@ class Qwen2VLModel(MultimodalModel):
         req.mrope_positions = torch.cat(chunks, dim=1)  # [3, num_prompt_tokens]
         req.mrope_delta = int(req.mrope_positions.max()) + 1 - req.num_prompt_tokens
 
-    def positions(self, req: Request, start: int, end: int) -> torch.Tensor:
-        assert req.mrope_positions is not None
-        prompt_end = min(end, req.num_prompt_tokens)
-        parts = [req.mrope_positions[:, start:prompt_end]]
-        if end > req.num_prompt_tokens:  # generated tokens: index + delta in all three sections
-            gen = torch.arange(max(start, req.num_prompt_tokens), end) + req.mrope_delta
-            parts.append(gen.expand(3, -1))
-        return torch.cat(parts, dim=1)  # [3, end - start]
+    def write_mrope_positions(
+        self,
+        scheduled: list[ScheduledRequest],
+        query_start_loc: np.ndarray,
+        token_pos: np.ndarray,
+        out: np.ndarray,
+    ) -> None:
+        num_new = np.diff(query_start_loc)  # [num_reqs]
+        deltas = np.fromiter((s.req.mrope_delta for s in scheduled), np.int64, len(scheduled))
+        # Generated tokens: index + delta in all three sections. Prompt tokens are overwritten
+        # below, so a decode-only batch takes this one vectorized line.
+        out[:] = token_pos + np.repeat(deltas, num_new)
+        for s, base in zip(scheduled, query_start_loc[:-1].tolist(), strict=True):
+            prompt_end = min(s.end, s.req.num_prompt_tokens)
+            if s.start < prompt_end:
+                assert s.req.mrope_positions is not None
+                prompt = s.req.mrope_positions.numpy()  # [3, num_prompt_tokens]
+                out[:, base : base + prompt_end - s.start] = prompt[:, s.start : prompt_end]
