@@ -5,7 +5,9 @@ detokenization, the preprocess worker's image processing, and the GPU worker's e
 """
 
 import itertools
+import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,7 +19,12 @@ from mm_runtime.frontend.media import hash_pil_image, load_image_bytes
 from mm_runtime.frontend.prompt import ImageRef, PromptBuilder
 from mm_runtime.gpu_worker.engine import EngineCore
 from mm_runtime.gpu_worker.request import RequestStatus
-from mm_runtime.preprocess_worker.processors import ImageProcessor, convert_image, decode_image
+from mm_runtime.preprocess_worker.processors import (
+    ImageProcessor,
+    ProcessedImage,
+    convert_image,
+    decode_image,
+)
 from mm_runtime.shared.config import GpuWorkerConfig
 from mm_runtime.shared.errors import InvalidRequest
 from mm_runtime.shared.wire import EngineOutput, EngineRequest, MMItem, SamplingParams
@@ -113,22 +120,46 @@ class LLM:
         add_special_tokens: bool = True,
     ) -> EngineRequest:
         """Tokenizes a prompt and processes its images; raises on bad input, changes nothing."""
-        text, images = _split_prompt(prompt)
+        (request,) = self.build_requests([prompt], [sampling_params], add_special_tokens, [req_id])
+        return request
+
+    def build_requests(
+        self,
+        prompts: Sequence[Prompt],
+        sampling_params: Sequence[SamplingParams],
+        add_special_tokens: bool = True,
+        req_ids: Sequence[str | None] | None = None,
+    ) -> list[EngineRequest]:
+        """`build_request` for many prompts: their images are loaded and processed by a thread
+        pool (PIL and the processor's torch ops release the GIL, so this scales with cores, as
+        the server's preprocess workers do); tokenizing stays on this thread."""
+        split = [_split_prompt(p) for p in prompts]
+        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+            processed = list(pool.map(self._process_images, [images for _, images in split]))
+        requests = []
+        ids = req_ids if req_ids is not None else [None] * len(prompts)
+        for (text, _), items, params, req_id in zip(
+            split, processed, sampling_params, ids, strict=True
+        ):
+            token_ids, ranges = self.prompts.tokenize(
+                text, [p.num_tokens for _, p in items], add_special_tokens
+            )
+            mm_items = [
+                MMItem(modality="image", mm_hash=mm_hash, placeholder=r, tensors=p.tensors)
+                for (mm_hash, p), r in zip(items, ranges, strict=True)
+            ]
+            request = EngineRequest(
+                req_id=req_id if req_id is not None else str(next(self._req_ids)),
+                prompt_token_ids=token_ids,
+                sampling_params=params,
+                mm_items=mm_items,
+            )
+            requests.append(request)
+        return requests
+
+    def _process_images(self, images: list[ImageRef]) -> list[tuple[str, ProcessedImage]]:
         loaded = [_load_image(image) for image in images]  # all, before any processing
-        processed = [self.image_processor(image) for image, _ in loaded]
-        token_ids, ranges = self.prompts.tokenize(
-            text, [p.num_tokens for p in processed], add_special_tokens
-        )
-        mm_items = [
-            MMItem(modality="image", mm_hash=mm_hash, placeholder=r, tensors=p.tensors)
-            for (_, mm_hash), p, r in zip(loaded, processed, ranges, strict=True)
-        ]
-        return EngineRequest(
-            req_id=req_id if req_id is not None else str(next(self._req_ids)),
-            prompt_token_ids=token_ids,
-            sampling_params=sampling_params,
-            mm_items=mm_items,
-        )
+        return [(mm_hash, self.image_processor(image)) for image, mm_hash in loaded]
 
     # ---- public API ----
 
@@ -142,7 +173,7 @@ class LLM:
         if isinstance(prompts, str | dict):
             prompts = [prompts]
         params = _params_per_prompt(sampling_params, len(prompts))
-        requests = [self.build_request(p, sp) for p, sp in zip(prompts, params, strict=True)]
+        requests = self.build_requests(prompts, params)
         texts = [p if isinstance(p, str) else p.get("prompt", "") for p in prompts]
         return self._run(requests, texts, use_tqdm)
 
@@ -156,14 +187,13 @@ class LLM:
         """OpenAI-style conversations (text and image_url / PIL image parts), one output each."""
         conversations = messages if messages and isinstance(messages[0], list) else [messages]
         params = _params_per_prompt(sampling_params, len(conversations))
-        requests, texts = [], []
-        for conversation, sp in zip(conversations, params, strict=True):
+        prompts: list[Prompt] = []
+        for conversation in conversations:
             text, images = self.prompts.apply_chat_template(conversation, add_generation_prompt)
-            prompt = {"prompt": text, "multi_modal_data": {"image": images}}
-            # The template already holds the special tokens (BOS); do not add them twice.
-            requests.append(self.build_request(prompt, sp, add_special_tokens=False))
-            texts.append(text)
-        return self._run(requests, texts, use_tqdm)
+            prompts.append({"prompt": text, "multi_modal_data": {"image": images}})
+        # The template already holds the special tokens (BOS); do not add them twice.
+        requests = self.build_requests(prompts, params, add_special_tokens=False)
+        return self._run(requests, [p["prompt"] for p in prompts], use_tqdm)
 
     # ---- the loop ----
 

@@ -66,12 +66,14 @@ def run_ours(args: argparse.Namespace, workload: list[tuple], prompts: list[str]
     engine = llm.engine
     step_times: list[float] = []
     start = time.perf_counter()
-    for (_, image, out_len), prompt in zip(workload, prompts, strict=True):
-        params = SamplingParams(max_tokens=out_len, temperature=0, ignore_eos=True)
-        prompt_with_image = {"prompt": prompt, "multi_modal_data": {"image": image}}
-        request = llm.build_request(prompt_with_image, params, add_special_tokens=False)
+    mm_prompts = [
+        {"prompt": prompt, "multi_modal_data": {"image": image}}
+        for (_, image, _), prompt in zip(workload, prompts, strict=True)
+    ]
+    params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for _, _, n in workload]
+    for request in llm.build_requests(mm_prompts, params, add_special_tokens=False):
         engine.add_request(request)
-    preprocess_s = time.perf_counter() - start  # the processor runs in this loop, on the CPU
+    preprocess_s = time.perf_counter() - start  # the processor, on the CPU (a thread pool)
     num_tokens = 0
     while engine.has_unfinished_requests():
         t0 = time.perf_counter()
