@@ -10,7 +10,9 @@ TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 install:
 	@$(PYTHON) -c "import torch, torchvision" 2>/dev/null || $(PIP) install -q $(TORCH_PINS)
 	@# Reinstall unless mm_runtime is this checkout (CI clones elsewhere on the same machine).
-	@$(PYTHON) -c "import os, sys, mm_runtime, pytest, hypothesis, ruff; \
+	@# The imports also check that every dependency is there (a checkout may add one).
+	@$(PYTHON) -c "import os, sys, mm_runtime, pytest, hypothesis, ruff, fastapi, uvicorn, \
+		prometheus_client, openai; \
 		sys.exit(os.path.dirname(mm_runtime.__file__) != os.getcwd())" 2>/dev/null \
 		|| $(PIP) install -q -e ".[test]"
 

@@ -107,13 +107,17 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "serve",
         help="start the server (frontend, preprocess workers, GPU worker)",
-        description="Serve a model to the ZMQ SDK (mm_runtime.Client). Without --model, serves "
+        description="Serve a model over the OpenAI-compatible HTTP API and the ZMQ SDK "
+        "(mm_runtime.Client). Without --model, serves "
         "a tiny random-weight demo model: it proves the pipeline, its answers are random.",
     )
     p.add_argument("--model", default=None, help="Hugging Face model directory (default: demo)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000, help="HTTP port (OpenAI API)")
     p.add_argument("--zmq-port", type=int, default=5570, help="SDK port")
+    p.add_argument(
+        "--served-model-name", default=None, help="the HTTP API's model name (default: --model)"
+    )
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
@@ -149,6 +153,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         zmq_port=args.zmq_port,
+        served_model_name=args.served_model_name,
         preprocess_workers=args.preprocess_workers,
         feature_cache_gb=args.feature_cache_gb,
         allowed_local_media_path=args.allowed_local_media_path,

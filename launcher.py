@@ -1,5 +1,5 @@
-"""`mm-runtime serve`: starts the frontend (this process), the preprocess workers and the GPU
-worker, wired with ZeroMQ over IPC sockets in a private temp dir.
+"""`mm-runtime serve`: starts the frontend (this process, with its HTTP API), the preprocess
+workers and the GPU worker, wired with ZeroMQ over IPC sockets in a private temp dir.
 
 The frontend process is the parent: it watches its children, replaces crashed preprocess
 workers, and exits non-zero when the GPU worker dies. Ctrl-C / SIGTERM stop every child and
@@ -14,6 +14,7 @@ import signal
 from multiprocessing.context import SpawnContext
 from multiprocessing.process import BaseProcess
 
+from mm_runtime.frontend.http_api import HttpServer
 from mm_runtime.frontend.preprocess_pool import PreprocessPool
 from mm_runtime.frontend.server import Frontend
 from mm_runtime.gpu_worker.worker import run_gpu_worker
@@ -54,9 +55,11 @@ async def _serve(frontend: Frontend) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, frontend.stopped.set)
+    config = frontend.config
+    http = HttpServer(frontend, config.host, config.port)
     try:
         ready = await frontend.start()
-        config = frontend.config
+        await http.start()
         logger.info(
             "serving %s (%s, %s on %s, %d KV blocks, max_model_len %d)",
             config.model,
@@ -67,11 +70,13 @@ async def _serve(frontend: Frontend) -> int:
             ready.max_model_len,
         )
         logger.info("SDK: mm_runtime.Client('tcp://%s:%d')", config.host, config.zmq_port)
+        logger.info("OpenAI API: %s/v1 (model %r)", http.address, config.model_name)
         await frontend.stopped.wait()
     except MMRuntimeError as e:
         logger.error("server failed: %s", e)
         frontend.exit_code = 1
     finally:
         logger.info("shutting down")
+        await http.stop()  # first: in-flight HTTP requests still get the frontend's answers
         await frontend.close()
     return frontend.exit_code

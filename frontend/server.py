@@ -13,6 +13,7 @@ import asyncio
 import itertools
 import logging
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from multiprocessing.process import BaseProcess
 from pathlib import Path
@@ -27,7 +28,13 @@ from mm_runtime.frontend.media import load_image_bytes
 from mm_runtime.frontend.preprocess_pool import PreprocessPool
 from mm_runtime.frontend.prompt import PromptBuilder
 from mm_runtime.shared.config import FrontendConfig
-from mm_runtime.shared.errors import EngineDead, InvalidRequest, MMRuntimeError, ProtocolError
+from mm_runtime.shared.errors import (
+    EngineDead,
+    InvalidRequest,
+    MMRuntimeError,
+    ProtocolError,
+    error_from_wire,
+)
 from mm_runtime.shared.model_info import ModelInfo
 from mm_runtime.shared.wire import (
     AbortRequest,
@@ -98,6 +105,8 @@ class Frontend:
         self.requests: dict[str, _Client] = {}  # engine req_id -> client request
         self._inflight_jobs: dict[str, asyncio.Task[PreprocessResult]] = {}  # mm_hash -> job
         self._preparing: dict[str, bytes] = {}  # engine req_id -> client, before it is sent
+        # In-process clients (the HTTP API): identity -> the replies a socket would carry.
+        self._local: dict[bytes, asyncio.Queue[RequestDelta | RequestFailed]] = {}
         self._stats_waiters: dict[int, asyncio.Future[WorkerStats]] = {}  # query_id -> reply
         self._ids = itertools.count()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -204,6 +213,11 @@ class Frontend:
                 self._spawn(self._health(identity))
 
     def _reply(self, identity: bytes, msg: msgspec.Struct) -> None:
+        local = self._local.get(identity)
+        if local is not None:
+            if isinstance(msg, RequestDelta | RequestFailed):
+                local.put_nowait(msg)
+            return
         try:
             sent = self.sdk.send_multipart([identity, *self.sdk_out_codec.encode(msg)], copy=False)
         except zmq.ZMQError:  # EHOSTUNREACH: the client is gone
@@ -219,12 +233,35 @@ class Frontend:
         """Probes the clients with requests in flight, so a silent disconnect is noticed."""
         while True:
             await asyncio.sleep(1.0)
-            for identity in {c.identity for c in self.requests.values()}:
+            for identity in {c.identity for c in self.requests.values()} - self._local.keys():
                 self._reply(identity, Ping())
 
     @staticmethod
     def _engine_id(identity: bytes, req_id: str) -> str:
         return f"{identity.hex()}:{req_id}"
+
+    # ---- in-process clients ----
+
+    async def generate_local(self, msg: GenerateRequest) -> AsyncIterator[RequestDelta]:
+        """The SDK's path without its socket (used by the HTTP API): the same validation, media,
+        feature-cache and abort handling. Yields what an SDK client would receive (deltas, or one
+        final reply unless `msg.stream`); a failed request raises its `MMRuntimeError`. Closing
+        the generator before the final reply (the HTTP client went away) aborts the request."""
+        identity = b"local-%d" % next(self._ids)
+        queue: asyncio.Queue[RequestDelta | RequestFailed] = asyncio.Queue()
+        self._local[identity] = queue
+        try:
+            self._spawn(self._generate(identity, msg))
+            while True:
+                reply = await queue.get()
+                if isinstance(reply, RequestFailed):
+                    raise error_from_wire(reply.error.code, reply.error.message)
+                yield reply
+                if reply.finish_reason is not None:
+                    return
+        finally:
+            del self._local[identity]
+            self._abort_client(identity)  # a no-op once the request has finished
 
     # ---- a request's way in ----
 

@@ -60,7 +60,8 @@ class FrontendConfig:
 
     model: str
     host: str = "127.0.0.1"
-    port: int = 8000  # HTTP (OpenAI API), with the HTTP issue
+    port: int = 8000  # HTTP (OpenAI API)
+    served_model_name: str | None = None  # the HTTP API's model name; None: the model directory
     zmq_port: int = 5570  # the SDK's ROUTER socket
     preprocess_workers: int = 2
     feature_cache_gb: float = 4.0  # both sides of the mirrored feature cache
@@ -80,6 +81,10 @@ class FrontendConfig:
     @property
     def feature_cache_bytes(self) -> int:
         return int(self.feature_cache_gb * 2**30)
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or self.model
 
 
 def parse_limit_mm_per_prompt(text: str) -> dict[str, int]:

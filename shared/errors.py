@@ -68,3 +68,44 @@ class ConfigError(MMRuntimeError):
 
     code = "config_error"
     http_status = 500
+
+
+class ModelNotFound(MMRuntimeError):
+    """A request names a model this server does not serve."""
+
+    code = "model_not_found"
+    http_status = 404
+
+
+# code -> HTTP status: each class's own code, plus the codes raised with a base class's status.
+_HTTP_STATUS = {
+    cls.code: cls.http_status
+    for cls in (
+        InvalidRequest,
+        MediaError,
+        PreprocessError,
+        FeatureCacheMiss,
+        EngineDead,
+        ProtocolError,
+        ConfigError,
+        ModelNotFound,
+    )
+} | {
+    "too_many_media_items": 400,
+    "placeholder_mismatch": 400,
+    "prompt_too_long": 400,
+    "unsupported_media": 400,
+}
+
+
+def http_status(code: str) -> int:
+    """The HTTP status the frontend answers an error of this code with (500 if unknown)."""
+    return _HTTP_STATUS.get(code, 500)
+
+
+def error_from_wire(code: str, message: str) -> MMRuntimeError:
+    """An error that crossed the wire as `ErrorInfo(code, message, ...)`, as an exception again,
+    with the HTTP status of its code."""
+    error = MMRuntimeError(message, code=code)
+    error.http_status = http_status(code)
+    return error

@@ -47,7 +47,8 @@ def socket_dirs() -> set[Path]:
 def start_server(model_dir: Path, port: int) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "mm_runtime.cli", "serve", "--model", str(model_dir),
-         "--zmq-port", str(port), "--device", "cpu", "--preprocess-workers", "1"],
+         "--zmq-port", str(port), "--port", str(free_port()), "--device", "cpu",
+         "--preprocess-workers", "1"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
 

@@ -1,0 +1,417 @@
+"""The OpenAI-compatible HTTP API of the frontend process (DESIGN.md sections 1 and 6).
+
+A FastAPI app around the `Frontend`: each HTTP request becomes the `GenerateRequest` an SDK
+client would send and runs through `Frontend.generate_local`, so validation, media loading, the
+feature-cache mirror and aborts are the SDK's own. uvicorn serves it in the frontend's asyncio
+loop, beside the ZMQ socket. Shapes follow OpenAI's API (and vLLM's `serving_chat.py`): a
+`chat.completion` / `text_completion` object, or SSE lines `data: {...chunk}`, one usage-only
+chunk last when `stream_options.include_usage`, then `data: [DONE]`. Errors are OpenAI's
+`{"error": {"message", "type", "param", "code"}}` with the status of their code
+(`shared/errors.py`). A client that goes away has its request aborted in the GPU worker.
+"""
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict
+from starlette.exceptions import HTTPException
+
+from mm_runtime.frontend.server import Frontend
+from mm_runtime.shared.errors import (
+    ConfigError,
+    InvalidRequest,
+    MMRuntimeError,
+    ModelNotFound,
+)
+from mm_runtime.shared.wire import (
+    ChatMessage,
+    GenerateRequest,
+    ImageURL,
+    ImageURLPart,
+    RequestDelta,
+    SamplingParams,
+    TextPart,
+    TokenLogprobs,
+)
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_PARTS = ("text", "image_url")
+UNSUPPORTED_MEDIA_PARTS = ("video_url", "input_audio", "audio_url")
+_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error"}
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class _SamplingFields(BaseModel):
+    """What chat and text completions share; unknown fields are ignored, as OpenAI's are."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    max_tokens: int | None = None  # None: up to the model length
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # an extra, as in vLLM; 0 or -1: off
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    ignore_eos: bool = False  # an extra, as in vLLM
+
+
+class ChatCompletionRequest(_SamplingFields):
+    messages: list[dict[str, Any]]
+    max_completion_tokens: int | None = None  # OpenAI's newer name for max_tokens
+    logprobs: bool = False
+    top_logprobs: int | None = None
+
+
+class CompletionRequest(_SamplingFields):
+    prompt: str
+    logprobs: int | None = None  # the legacy API: how many top logprobs, None for none
+
+
+class HttpServer:
+    """uvicorn serving the API as a task of the running loop; `start` returns once it listens."""
+
+    def __init__(self, frontend: Frontend, host: str, port: int) -> None:
+        self.app = build_app(frontend)
+        config = uvicorn.Config(
+            self.app,
+            host=host,
+            port=port,
+            lifespan="off",
+            log_config=None,  # the process entry point configures logging
+            access_log=False,
+            timeout_graceful_shutdown=5,  # then open streams are cut: shutdown must not hang
+        )
+        self.server = _Server(config)
+        self.address = f"http://{host}:{port}"
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._task = asyncio.ensure_future(self.server.serve())
+        while not self.server.started:
+            if self._task.done():  # uvicorn exits (SystemExit) when it cannot bind
+                with contextlib.suppress(BaseException):
+                    self._task.result()
+                raise ConfigError(f"cannot serve HTTP on {self.address}")
+            await asyncio.sleep(0.01)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self.server.should_exit = True
+            await self._task
+
+
+class _Server(uvicorn.Server):
+    """The launcher owns SIGINT/SIGTERM; uvicorn's own handlers would stop only the HTTP side."""
+
+    def capture_signals(self) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()
+
+
+def build_app(frontend: Frontend) -> FastAPI:
+    api = _Api(frontend)
+    app = FastAPI(title="mm-runtime", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_api_route("/v1/chat/completions", api.chat, methods=["POST"])
+    app.add_api_route("/v1/completions", api.completions, methods=["POST"])
+    app.add_api_route("/v1/models", api.models, methods=["GET"])
+    app.add_api_route("/health", api.health, methods=["GET"])
+    app.add_exception_handler(MMRuntimeError, _on_error)  # type: ignore[arg-type]
+    app.add_exception_handler(RequestValidationError, _on_invalid)  # type: ignore[arg-type]
+    app.add_exception_handler(HTTPException, _on_http_exception)  # type: ignore[arg-type]
+    return app
+
+
+class _Api:
+    def __init__(self, frontend: Frontend) -> None:
+        self.frontend = frontend
+        self.model_name = frontend.config.model_name
+        self.tokenizer = frontend.prompts.tokenizer
+
+    # ---- endpoints ----
+
+    async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
+        self._check_model(body.model)
+        num_top = body.top_logprobs or 0 if body.logprobs else None
+        max_tokens = body.max_completion_tokens
+        if max_tokens is None:
+            max_tokens = body.max_tokens
+        msg = GenerateRequest(
+            req_id=f"chatcmpl-{uuid.uuid4().hex}",
+            messages=_chat_messages(body.messages),
+            sampling_params=self._sampling_params(body, max_tokens, num_top),
+            stream=body.stream,
+        )
+        return await self._respond(
+            msg, body, request, _ChatShape(self, num_top is not None, body.stream)
+        )
+
+    async def completions(self, body: CompletionRequest, request: Request) -> Response:
+        self._check_model(body.model)
+        msg = GenerateRequest(
+            req_id=f"cmpl-{uuid.uuid4().hex}",
+            prompt=body.prompt,
+            sampling_params=self._sampling_params(body, body.max_tokens, body.logprobs),
+            stream=body.stream,
+        )
+        return await self._respond(msg, body, request, _CompletionShape(self))
+
+    async def models(self) -> dict[str, object]:
+        card = {"id": self.model_name, "object": "model", "created": 0, "owned_by": "mm-runtime"}
+        return {"object": "list", "data": [card]}
+
+    async def health(self) -> Response:
+        alive = self.frontend.gpu_process.is_alive()
+        return Response(status_code=200 if alive else 503)
+
+    # ---- requests in ----
+
+    def _check_model(self, model: str | None) -> None:
+        if model is not None and model not in (self.model_name, self.frontend.config.model):
+            raise ModelNotFound(
+                f"the model {model!r} does not exist; this server serves {self.model_name!r}"
+            )
+
+    def _sampling_params(
+        self, body: _SamplingFields, max_tokens: int | None, num_top: int | None
+    ) -> SamplingParams:
+        if body.n != 1:
+            raise InvalidRequest(f"n must be 1 (got {body.n})")
+        assert self.frontend.worker_info is not None  # set by Frontend.start
+        return SamplingParams(
+            # Past the model length the GPU worker stops the request with "length" anyway.
+            max_tokens=self.frontend.worker_info.max_model_len
+            if max_tokens is None
+            else max_tokens,
+            temperature=body.temperature,
+            top_p=body.top_p,
+            top_k=body.top_k,
+            seed=body.seed,
+            stop=[body.stop] if isinstance(body.stop, str) else body.stop or [],
+            ignore_eos=body.ignore_eos,
+            logprobs=num_top,
+        )
+
+    # ---- responses out ----
+
+    async def _respond(
+        self, msg: GenerateRequest, body: _SamplingFields, request: Request, shape: "_Shape"
+    ) -> Response:
+        created = int(time.time())
+        replies = self.frontend.generate_local(msg)
+        # The first reply is awaited here so that a request failing before its first token gets
+        # its own HTTP status, not a 200 with an error inside the stream.
+        first = await _until_disconnected(request, anext(replies))
+        if first is None:
+            await replies.aclose()  # aborts the request
+            return Response(status_code=499)  # nobody reads it: nginx's "client closed request"
+        head = {"id": msg.req_id, "created": created, "model": self.model_name}
+        if not body.stream:
+            return JSONResponse(shape.whole(head, first))
+        include_usage = body.stream_options is not None and body.stream_options.include_usage
+        events = _sse(shape, head, first, replies, include_usage)
+        return StreamingResponse(events, media_type="text/event-stream")
+
+    def logprobs(self, entries: list[TokenLogprobs]) -> list[dict[str, object]]:
+        """OpenAI's per-token logprobs entries (the chat API's `logprobs.content`)."""
+        return [
+            {
+                **self._token(e.sampled.token_id, e.sampled.logprob),
+                "top_logprobs": [self._token(t.token_id, t.logprob) for t in e.top],
+            }
+            for e in entries
+        ]
+
+    def _token(self, token_id: int, logprob: float) -> dict[str, object]:
+        text = self.tokenizer.decode([token_id])
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+
+class _Shape:
+    """How one API (chat or text completions) lays out a whole response and a stream chunk."""
+
+    object_name: str
+    chunk_name: str
+
+    def choice(self, delta: RequestDelta, first: bool) -> dict[str, object]:
+        raise NotImplementedError
+
+    def whole(self, head: dict[str, object], reply: RequestDelta) -> dict[str, object]:
+        return {
+            **head,
+            "object": self.object_name,
+            "choices": [self.choice(reply, first=True) | {"index": 0}],
+            "usage": _usage(reply),
+        }
+
+
+class _ChatShape(_Shape):
+    object_name = "chat.completion"
+    chunk_name = "chat.completion.chunk"
+
+    def __init__(self, api: _Api, with_logprobs: bool, streaming: bool) -> None:
+        self.api = api
+        self.with_logprobs = with_logprobs
+        self.streaming = streaming  # chunks carry a "delta", whole responses a "message"
+
+    def choice(self, delta: RequestDelta, first: bool) -> dict[str, object]:
+        logprobs = None
+        if self.with_logprobs:
+            logprobs = {"content": self.api.logprobs(delta.logprobs or [])}
+        content: dict[str, object] = {"content": delta.text}
+        if first:
+            content = {"role": "assistant"} | content
+        key = "delta" if self.streaming else "message"
+        return {key: content, "logprobs": logprobs, "finish_reason": delta.finish_reason}
+
+
+class _CompletionShape(_Shape):
+    object_name = "text_completion"
+    chunk_name = "text_completion"
+
+    def __init__(self, api: _Api) -> None:
+        self.api = api
+
+    def choice(self, delta: RequestDelta, first: bool) -> dict[str, object]:
+        return {"text": delta.text, "logprobs": None, "finish_reason": delta.finish_reason}
+
+
+async def _sse(
+    shape: _Shape,
+    head: dict[str, object],
+    first: RequestDelta,
+    replies: AsyncIterator[RequestDelta],
+    include_usage: bool,
+) -> AsyncIterator[str]:
+    """The SSE stream; closing it early (the client went away) closes `replies`, which aborts."""
+
+    def event(choices: list[dict[str, object]], usage: dict[str, int] | None = None) -> str:
+        chunk = {**head, "object": shape.chunk_name, "choices": choices}
+        if include_usage:
+            chunk["usage"] = usage
+        return f"data: {json.dumps(chunk)}\n\n"
+
+    reply, is_first = first, True
+    try:
+        while True:
+            if reply.text or reply.finish_reason or reply.logprobs or is_first:
+                yield event([shape.choice(reply, is_first) | {"index": 0}])
+            is_first = False
+            if reply.finish_reason is not None:
+                break
+            reply = await anext(replies)
+        if include_usage:
+            yield event([], _usage(reply))
+    except MMRuntimeError as e:  # failed after the response began: the error as one event
+        yield f"data: {json.dumps(_error_body(e))}\n\n"
+    finally:
+        await replies.aclose()  # type: ignore[attr-defined]
+    yield "data: [DONE]\n\n"
+
+
+async def _until_disconnected(request: Request, pending: Awaitable[RequestDelta]) -> Any:
+    """`pending`'s result, or None (and `pending` cancelled) once the HTTP client disconnects."""
+    task = asyncio.ensure_future(pending)
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if not task.done():
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return None
+    return task.result()
+
+
+def _chat_messages(messages: list[dict[str, Any]]) -> list[ChatMessage]:
+    """OpenAI messages -> wire messages. Only text and image_url parts pass; an image URL is
+    loaded by the frontend as the SDK's are (data URL, or a path under the allowed folder)."""
+    out = []
+    for m in messages:
+        role, content = m.get("role"), m.get("content") or ""
+        if not isinstance(role, str):
+            raise InvalidRequest("each message needs a string 'role'")
+        if isinstance(content, str):
+            out.append(ChatMessage(role=role, content=content))
+        elif isinstance(content, list):
+            out.append(ChatMessage(role=role, content=[_content_part(p) for p in content]))
+        else:
+            raise InvalidRequest("a message's content must be a string or a list of parts")
+    return out
+
+
+def _content_part(part: object) -> TextPart | ImageURLPart:
+    kind = part.get("type") if isinstance(part, dict) else None
+    if kind == "text" and isinstance(part.get("text"), str):  # type: ignore[union-attr]
+        return TextPart(part["text"])  # type: ignore[index]
+    if kind == "image_url":
+        value = part.get("image_url")  # type: ignore[union-attr]
+        url = value.get("url") if isinstance(value, dict) else value
+        if isinstance(url, str):
+            return ImageURLPart(ImageURL(url))
+        raise InvalidRequest("an image_url part needs image_url.url, a string")
+    supported = ", ".join(SUPPORTED_PARTS)
+    if kind in UNSUPPORTED_MEDIA_PARTS:
+        raise InvalidRequest(
+            f"{kind} content parts are not supported; this server takes {supported}",
+            code="unsupported_media",
+        )
+    raise InvalidRequest(f"unsupported content part type {kind!r}; supported: {supported}")
+
+
+def _usage(reply: RequestDelta) -> dict[str, int]:
+    assert reply.usage is not None  # the final reply carries it
+    prompt, completion = reply.usage.prompt_tokens, reply.usage.completion_tokens
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
+
+
+def _error_body(
+    error: MMRuntimeError | None, status: int = 500, message: str = "", code: str = ""
+) -> dict[str, object]:
+    if error is not None:
+        status, message, code = error.http_status, error.message, error.code
+    kind = _ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    return {"error": {"message": message, "type": kind, "param": None, "code": code}}
+
+
+async def _on_error(request: Request, error: MMRuntimeError) -> JSONResponse:
+    return JSONResponse(_error_body(error), status_code=error.http_status)
+
+
+async def _on_invalid(request: Request, error: RequestValidationError) -> JSONResponse:
+    problems = "; ".join(
+        f"{'.'.join(str(p) for p in e['loc'][1:]) or 'body'}: {e['msg']}" for e in error.errors()
+    )
+    return await _on_error(request, InvalidRequest(problems))
+
+
+async def _on_http_exception(request: Request, error: HTTPException) -> JSONResponse:
+    body = _error_body(None, error.status_code, str(error.detail), "http_error")
+    return JSONResponse(body, status_code=error.status_code)
