@@ -9,7 +9,12 @@ import argparse
 import logging
 from collections.abc import Callable
 
-from mm_runtime.shared.config import FrontendConfig, GpuWorkerConfig, parse_limit_mm_per_prompt
+from mm_runtime.shared.config import (
+    FrontendConfig,
+    GpuWorkerConfig,
+    parse_domains,
+    parse_limit_mm_per_prompt,
+)
 from mm_runtime.shared.errors import MMRuntimeError
 from mm_runtime.shared.logs import setup_process_logging
 from mm_runtime.shared.model_dirs import write_model_dir
@@ -133,6 +138,23 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--encoder-cache-tokens", type=int, default=None)
     p.add_argument("--limit-mm-per-prompt", default="image=4", help="e.g. image=4")
     p.add_argument("--allowed-local-media-path", default=None)
+    p.add_argument(
+        "--allowed-media-domains",
+        default="",
+        help="comma list of hosts whose http(s) image URLs are fetched (default: none)",
+    )
+    p.add_argument("--media-fetch-timeout-s", type=float, default=10.0)
+    p.add_argument("--max-media-fetch-mb", type=float, default=32.0)
+    p.add_argument(
+        "--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/* requests"
+    )
+    p.add_argument("--max-request-body-mb", type=float, default=64.0)
+    p.add_argument(
+        "--max-waiting-requests",
+        type=int,
+        default=4096,
+        help="requests in the frontend beyond which new ones get 429",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--enforce-eager", action="store_true", help="no CUDA graphs: run decode steps eagerly"
@@ -157,6 +179,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         preprocess_workers=args.preprocess_workers,
         feature_cache_gb=args.feature_cache_gb,
         allowed_local_media_path=args.allowed_local_media_path,
+        allowed_media_domains=parse_domains(args.allowed_media_domains),
+        media_fetch_timeout_s=args.media_fetch_timeout_s,
+        max_media_fetch_mb=args.max_media_fetch_mb,
+        api_key=args.api_key,
+        max_request_body_mb=args.max_request_body_mb,
+        max_waiting_requests=args.max_waiting_requests,
         limit_mm_per_prompt=parse_limit_mm_per_prompt(args.limit_mm_per_prompt),
     )
     gpu_config = GpuWorkerConfig(

@@ -8,6 +8,9 @@ loop, beside the ZMQ socket. Shapes follow OpenAI's API (and vLLM's `serving_cha
 chunk last when `stream_options.include_usage`, then `data: [DONE]`. Errors are OpenAI's
 `{"error": {"message", "type", "param", "code"}}` with the status of their code
 (`shared/errors.py`). A client that goes away has its request aborted in the GPU worker.
+`n > 1` runs n engine requests of the same prompt (seeds `seed + i`, as vLLM's parallel
+sampling), answered as one response whose choices carry their `index`. API keys, the body cap
+and the request counter are `http_guard.py`'s; `/metrics` renders `metrics.py`'s registry.
 """
 
 import asyncio
@@ -19,13 +22,16 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
+import msgspec
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException
 
+from mm_runtime.frontend.http_guard import HttpGuard, error_body
 from mm_runtime.frontend.server import Frontend
 from mm_runtime.shared.errors import (
     ConfigError,
@@ -48,7 +54,8 @@ logger = logging.getLogger(__name__)
 
 SUPPORTED_PARTS = ("text", "image_url")
 UNSUPPORTED_MEDIA_PARTS = ("video_url", "input_audio", "audio_url")
-_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error"}
+MAX_N = 16  # choices per request: each is a whole engine request
+_HTTP_ERROR_CODES = {413: "request_too_large"}  # others: "http_error"
 
 
 class StreamOptions(BaseModel):
@@ -132,9 +139,17 @@ def build_app(frontend: Frontend) -> FastAPI:
     app.add_api_route("/v1/completions", api.completions, methods=["POST"])
     app.add_api_route("/v1/models", api.models, methods=["GET"])
     app.add_api_route("/health", api.health, methods=["GET"])
+    app.add_api_route("/metrics", api.metrics, methods=["GET"])
     app.add_exception_handler(MMRuntimeError, _on_error)  # type: ignore[arg-type]
     app.add_exception_handler(RequestValidationError, _on_invalid)  # type: ignore[arg-type]
     app.add_exception_handler(HTTPException, _on_http_exception)  # type: ignore[arg-type]
+    config = frontend.config
+    app.add_middleware(
+        HttpGuard,  # type: ignore[arg-type]
+        api_key=config.api_key,
+        max_body_bytes=config.max_request_body_bytes,
+        metrics=frontend.metrics,
+    )
     return app
 
 
@@ -152,25 +167,31 @@ class _Api:
         max_tokens = body.max_completion_tokens
         if max_tokens is None:
             max_tokens = body.max_tokens
-        msg = GenerateRequest(
-            req_id=f"chatcmpl-{uuid.uuid4().hex}",
-            messages=_chat_messages(body.messages),
-            sampling_params=self._sampling_params(body, max_tokens, num_top),
-            stream=body.stream,
-        )
-        return await self._respond(
-            msg, body, request, _ChatShape(self, num_top is not None, body.stream)
-        )
+        messages = _chat_messages(body.messages)
+        msgs = [
+            GenerateRequest(
+                req_id=f"chatcmpl-{uuid.uuid4().hex}",
+                messages=messages,
+                sampling_params=params,
+                stream=body.stream,
+            )
+            for params in self._sampling_params(body, max_tokens, num_top)
+        ]
+        shape = _ChatShape(self, num_top is not None, body.stream)
+        return await self._respond(msgs, body, request, shape)
 
     async def completions(self, body: CompletionRequest, request: Request) -> Response:
         self._check_model(body.model)
-        msg = GenerateRequest(
-            req_id=f"cmpl-{uuid.uuid4().hex}",
-            prompt=body.prompt,
-            sampling_params=self._sampling_params(body, body.max_tokens, body.logprobs),
-            stream=body.stream,
-        )
-        return await self._respond(msg, body, request, _CompletionShape(self))
+        msgs = [
+            GenerateRequest(
+                req_id=f"cmpl-{uuid.uuid4().hex}",
+                prompt=body.prompt,
+                sampling_params=params,
+                stream=body.stream,
+            )
+            for params in self._sampling_params(body, body.max_tokens, body.logprobs)
+        ]
+        return await self._respond(msgs, body, request, _CompletionShape(self))
 
     async def models(self) -> dict[str, object]:
         card = {"id": self.model_name, "object": "model", "created": 0, "owned_by": "mm-runtime"}
@@ -179,6 +200,11 @@ class _Api:
     async def health(self) -> Response:
         alive = self.frontend.gpu_process.is_alive()
         return Response(status_code=200 if alive else 503)
+
+    async def metrics(self) -> Response:
+        # A dead or busy GPU worker leaves its stats out (after a short wait), not the scrape.
+        _, stats, _ = await self.frontend.stats(timeout_s=2.0)
+        return Response(self.frontend.metrics.render(stats), media_type=CONTENT_TYPE_LATEST)
 
     # ---- requests in ----
 
@@ -190,11 +216,12 @@ class _Api:
 
     def _sampling_params(
         self, body: _SamplingFields, max_tokens: int | None, num_top: int | None
-    ) -> SamplingParams:
-        if body.n != 1:
-            raise InvalidRequest(f"n must be 1 (got {body.n})")
+    ) -> list[SamplingParams]:
+        """One per choice (`n`); seeded choices get seeds seed, seed + 1, ..., so they differ."""
+        if not 1 <= body.n <= MAX_N:
+            raise InvalidRequest(f"n must be in [1, {MAX_N}] (got {body.n})")
         assert self.frontend.worker_info is not None  # set by Frontend.start
-        return SamplingParams(
+        params = SamplingParams(
             # Past the model length the GPU worker stops the request with "length" anyway.
             max_tokens=self.frontend.worker_info.max_model_len
             if max_tokens is None
@@ -207,25 +234,32 @@ class _Api:
             ignore_eos=body.ignore_eos,
             logprobs=num_top,
         )
+        if body.seed is None:
+            return [params] * body.n
+        return [msgspec.structs.replace(params, seed=body.seed + i) for i in range(body.n)]
 
     # ---- responses out ----
 
     async def _respond(
-        self, msg: GenerateRequest, body: _SamplingFields, request: Request, shape: "_Shape"
+        self, msgs: list[GenerateRequest], body: _SamplingFields, request: Request, shape: "_Shape"
     ) -> Response:
         created = int(time.time())
-        replies = self.frontend.generate_local(msg)
-        # The first reply is awaited here so that a request failing before its first token gets
-        # its own HTTP status, not a 200 with an error inside the stream.
-        first = await _until_disconnected(request, anext(replies))
-        if first is None:
-            await replies.aclose()  # aborts the request
+        streams = [self.frontend.generate_local(m) for m in msgs]  # one per choice
+        # The first replies are awaited here so that a request failing before its first token
+        # gets its own HTTP status, not a 200 with an error inside the stream.
+        try:
+            firsts = await _until_disconnected(request, _first_replies(streams))
+        except BaseException:
+            await _close_all(streams)  # aborts the other choices
+            raise
+        if firsts is None:
+            await _close_all(streams)
             return Response(status_code=499)  # nobody reads it: nginx's "client closed request"
-        head = {"id": msg.req_id, "created": created, "model": self.model_name}
+        head = {"id": msgs[0].req_id, "created": created, "model": self.model_name}
         if not body.stream:
-            return JSONResponse(shape.whole(head, first))
+            return JSONResponse(shape.whole(head, firsts))
         include_usage = body.stream_options is not None and body.stream_options.include_usage
-        events = _sse(shape, head, first, replies, include_usage)
+        events = _sse(shape, head, firsts, streams, include_usage)
         return StreamingResponse(events, media_type="text/event-stream")
 
     def logprobs(self, entries: list[TokenLogprobs]) -> list[dict[str, object]]:
@@ -252,12 +286,12 @@ class _Shape:
     def choice(self, delta: RequestDelta, first: bool) -> dict[str, object]:
         raise NotImplementedError
 
-    def whole(self, head: dict[str, object], reply: RequestDelta) -> dict[str, object]:
+    def whole(self, head: dict[str, object], replies: list[RequestDelta]) -> dict[str, object]:
         return {
             **head,
             "object": self.object_name,
-            "choices": [self.choice(reply, first=True) | {"index": 0}],
-            "usage": _usage(reply),
+            "choices": [self.choice(r, first=True) | {"index": i} for i, r in enumerate(replies)],
+            "usage": _usage(replies),
         }
 
 
@@ -295,11 +329,12 @@ class _CompletionShape(_Shape):
 async def _sse(
     shape: _Shape,
     head: dict[str, object],
-    first: RequestDelta,
-    replies: AsyncIterator[RequestDelta],
+    firsts: list[RequestDelta],
+    streams: list[AsyncIterator[RequestDelta]],
     include_usage: bool,
 ) -> AsyncIterator[str]:
-    """The SSE stream; closing it early (the client went away) closes `replies`, which aborts."""
+    """The SSE stream of all choices, chunks in arrival order, each with its choice's `index`.
+    Closing it early (the client went away) closes `streams`, which aborts their requests."""
 
     def event(choices: list[dict[str, object]], usage: dict[str, int] | None = None) -> str:
         chunk = {**head, "object": shape.chunk_name, "choices": choices}
@@ -307,22 +342,49 @@ async def _sse(
             chunk["usage"] = usage
         return f"data: {json.dumps(chunk)}\n\n"
 
-    reply, is_first = first, True
+    finals: list[RequestDelta] = list(firsts)  # each choice's last reply so far
+    pending: dict[asyncio.Future[RequestDelta], int] = {}  # next reply -> choice index
     try:
-        while True:
-            if reply.text or reply.finish_reason or reply.logprobs or is_first:
-                yield event([shape.choice(reply, is_first) | {"index": 0}])
-            is_first = False
-            if reply.finish_reason is not None:
-                break
-            reply = await anext(replies)
+        for i, reply in enumerate(firsts):
+            yield event([shape.choice(reply, first=True) | {"index": i}])
+            if reply.finish_reason is None:
+                pending[asyncio.ensure_future(anext(streams[i]))] = i
+        while pending:
+            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                i = pending.pop(task)
+                finals[i] = reply = task.result()
+                if reply.text or reply.finish_reason or reply.logprobs:
+                    yield event([shape.choice(reply, first=False) | {"index": i}])
+                if reply.finish_reason is None:
+                    pending[asyncio.ensure_future(anext(streams[i]))] = i
         if include_usage:
-            yield event([], _usage(reply))
+            yield event([], _usage(finals))
     except MMRuntimeError as e:  # failed after the response began: the error as one event
-        yield f"data: {json.dumps(_error_body(e))}\n\n"
+        yield f"data: {json.dumps(error_body(e))}\n\n"
     finally:
-        await replies.aclose()  # type: ignore[attr-defined]
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        await _close_all(streams)
     yield "data: [DONE]\n\n"
+
+
+async def _first_replies(streams: list[AsyncIterator[RequestDelta]]) -> list[RequestDelta]:
+    """Each stream's first reply. When one fails (or this is cancelled) the others' pending
+    replies are cancelled and awaited: a generator still running cannot be closed."""
+    tasks = [asyncio.ensure_future(anext(s)) for s in streams]
+    try:
+        return await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _close_all(streams: list[AsyncIterator[RequestDelta]]) -> None:
+    for stream in streams:
+        await stream.aclose()  # type: ignore[attr-defined]
 
 
 async def _until_disconnected(request: Request, pending: Awaitable[RequestDelta]) -> Any:
@@ -382,9 +444,11 @@ def _content_part(part: object) -> TextPart | ImageURLPart:
     raise InvalidRequest(f"unsupported content part type {kind!r}; supported: {supported}")
 
 
-def _usage(reply: RequestDelta) -> dict[str, int]:
-    assert reply.usage is not None  # the final reply carries it
-    prompt, completion = reply.usage.prompt_tokens, reply.usage.completion_tokens
+def _usage(finals: list[RequestDelta]) -> dict[str, int]:
+    """The prompt counts once however many choices share it (as OpenAI's usage does)."""
+    assert all(r.usage is not None for r in finals)  # the final replies carry it
+    prompt = finals[0].usage.prompt_tokens  # type: ignore[union-attr]
+    completion = sum(r.usage.completion_tokens for r in finals)  # type: ignore[union-attr]
     return {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
@@ -392,17 +456,8 @@ def _usage(reply: RequestDelta) -> dict[str, int]:
     }
 
 
-def _error_body(
-    error: MMRuntimeError | None, status: int = 500, message: str = "", code: str = ""
-) -> dict[str, object]:
-    if error is not None:
-        status, message, code = error.http_status, error.message, error.code
-    kind = _ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
-    return {"error": {"message": message, "type": kind, "param": None, "code": code}}
-
-
 async def _on_error(request: Request, error: MMRuntimeError) -> JSONResponse:
-    return JSONResponse(_error_body(error), status_code=error.http_status)
+    return JSONResponse(error_body(error), status_code=error.http_status)
 
 
 async def _on_invalid(request: Request, error: RequestValidationError) -> JSONResponse:
@@ -413,5 +468,6 @@ async def _on_invalid(request: Request, error: RequestValidationError) -> JSONRe
 
 
 async def _on_http_exception(request: Request, error: HTTPException) -> JSONResponse:
-    body = _error_body(None, error.status_code, str(error.detail), "http_error")
+    code = _HTTP_ERROR_CODES.get(error.status_code, "http_error")
+    body = error_body(None, error.status_code, str(error.detail), code)
     return JSONResponse(body, status_code=error.status_code)

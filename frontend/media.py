@@ -3,7 +3,10 @@
 The frontend never decodes: it only finds an item's bytes and hashes them (DESIGN.md section 2);
 a preprocess worker decodes them (`preprocess_worker/processors.py`). Bytes that are not an image
 therefore pass here and fail there, as their own request's `MediaError`. What fails here is the
-source itself (a malformed data URL, a path outside the allowed folder, an unreadable file).
+source itself (a malformed data URL, a path outside the allowed folder, an unreadable file, a
+URL whose host is not allowed or that cannot be fetched in time or within the size cap).
+
+http(s) URLs are fetched with stdlib urllib, blocking: the frontend calls this in a thread.
 
 A PIL image has no raw bytes: only the in-process `LLM` is given one, and hashes its pixels with
 `hash_pil_image`. (The SDK encodes PIL images to bytes before sending them.)
@@ -11,22 +14,39 @@ A PIL image has no raw bytes: only the in-process `LLM` is given one, and hashes
 
 import base64
 import binascii
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from PIL import Image
 
 from mm_runtime.shared.errors import MediaError
 from mm_runtime.shared.hashing import hash_media
 
-ImageSource = bytes | str | Path  # raw bytes, a data URL, a local path or a file:// URL
+ImageSource = bytes | str | Path  # raw bytes, a data URL, a local path, a file:// or http(s) URL
+
+
+@dataclass(frozen=True, slots=True)
+class UrlFetch:
+    """Which http(s) URLs may be fetched, and how (FrontendConfig's media fields)."""
+
+    allowed_domains: tuple[str, ...] = ()  # exact host names, lower case; none: no fetching
+    timeout_s: float = 10.0
+    max_bytes: int = 32 * 2**20
 
 
 def load_image_bytes(
-    source: ImageSource, allowed_local_media_path: Path | None = None
+    source: ImageSource,
+    allowed_local_media_path: Path | None = None,
+    fetch: UrlFetch | None = None,
 ) -> tuple[bytes, str]:
     """Returns one image's encoded bytes, undecoded, and its mm_hash (over those bytes).
 
-    Local paths (plain or file://) are read only from under `allowed_local_media_path`.
+    Local paths (plain or file://) are read only from under `allowed_local_media_path`; http(s)
+    URLs are fetched only from the hosts `fetch` allows (blocking, so call it in a thread);
+    without `fetch` (the offline `LLM`) they are not supported at all.
     """
     if isinstance(source, bytes):
         data = source
@@ -36,6 +56,10 @@ def load_image_bytes(
         data = _local_bytes(Path(source), allowed_local_media_path)
     elif isinstance(source, str) and source.startswith("file://"):
         data = _local_bytes(Path(source.removeprefix("file://")), allowed_local_media_path)
+    elif (
+        isinstance(source, str) and fetch is not None and source.startswith(("http://", "https://"))
+    ):
+        data = _fetch_bytes(source, fetch)
     elif isinstance(source, str):
         raise MediaError(f"unsupported image source {source[:40]!r}")
     else:
@@ -71,3 +95,49 @@ def _local_bytes(path: Path, allowed_local_media_path: Path | None) -> bytes:
         return resolved.read_bytes()
     except OSError as e:
         raise MediaError(f"cannot read {path}: {e}") from e
+
+
+def _fetch_bytes(url: str, fetch: UrlFetch) -> bytes:
+    _check_host(url, fetch.allowed_domains)
+    opener = urllib.request.build_opener(_CheckedRedirects(fetch.allowed_domains))
+    try:
+        with opener.open(url, timeout=fetch.timeout_s) as response:
+            length = response.headers.get("Content-Length")
+            if length is not None and length.isdigit() and int(length) > fetch.max_bytes:
+                raise MediaError(f"{url[:100]} is {length} bytes, over {fetch.max_bytes}")
+            data = response.read(fetch.max_bytes + 1)  # no length: stop one byte past the cap
+    except MediaError:
+        raise
+    except (OSError, ValueError) as e:  # URLError, HTTPError, timeouts, malformed URLs
+        raise MediaError(f"cannot fetch {url[:100]}: {e}") from e
+    if len(data) > fetch.max_bytes:
+        raise MediaError(f"{url[:100]} is over {fetch.max_bytes} bytes")
+    return data
+
+
+def _check_host(url: str, allowed_domains: tuple[str, ...]) -> None:
+    host = (urlsplit(url).hostname or "").lower()
+    if host not in allowed_domains:
+        raise MediaError(
+            f"image URL host {host!r} is not allowed: the server fetches http(s) media only "
+            "from the hosts in --allowed-media-domains"
+        )
+
+
+class _CheckedRedirects(urllib.request.HTTPRedirectHandler):
+    """A redirect must stay on allowed hosts too, or one allowed host could point anywhere."""
+
+    def __init__(self, allowed_domains: tuple[str, ...]) -> None:
+        self.allowed_domains = allowed_domains
+
+    def redirect_request(  # type: ignore[override]
+        self,
+        req: urllib.request.Request,
+        fp: object,
+        code: int,
+        msg: str,
+        headers: object,
+        newurl: str,
+    ) -> urllib.request.Request | None:
+        _check_host(newurl, self.allowed_domains)
+        return super().redirect_request(req, fp, code, msg, headers, newurl)  # type: ignore[arg-type]

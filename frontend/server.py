@@ -24,7 +24,8 @@ import zmq.asyncio
 
 from mm_runtime.frontend.detokenizer import IncrementalDetokenizer
 from mm_runtime.frontend.feature_cache import FeatureCacheMirror
-from mm_runtime.frontend.media import load_image_bytes
+from mm_runtime.frontend.media import UrlFetch, load_image_bytes
+from mm_runtime.frontend.metrics import FrontendMetrics
 from mm_runtime.frontend.preprocess_pool import PreprocessPool
 from mm_runtime.frontend.prompt import PromptBuilder
 from mm_runtime.shared.config import FrontendConfig
@@ -32,6 +33,7 @@ from mm_runtime.shared.errors import (
     EngineDead,
     InvalidRequest,
     MMRuntimeError,
+    Overloaded,
     ProtocolError,
     error_from_wire,
 )
@@ -101,6 +103,10 @@ class Frontend:
         self.info = ModelInfo.from_model_dir(config.model)
         self.prompts = PromptBuilder(self.info)
         self.mirror = FeatureCacheMirror(config.feature_cache_bytes)
+        self.url_fetch = UrlFetch(
+            config.allowed_media_domains, config.media_fetch_timeout_s, config.max_media_fetch_bytes
+        )
+        self.metrics = FrontendMetrics()  # histograms; counters and gauges are in stats()
         self.ctx = zmq.asyncio.Context()
         self.requests: dict[str, _Client] = {}  # engine req_id -> client request
         self._inflight_jobs: dict[str, asyncio.Task[PreprocessResult]] = {}  # mm_hash -> job
@@ -271,6 +277,11 @@ class Frontend:
         try:
             if engine_id in self.requests or engine_id in self._preparing:
                 raise InvalidRequest(f"request id {msg.req_id!r} is already in flight")
+            if self.num_unfinished >= self.config.max_waiting_requests:
+                raise Overloaded(
+                    f"the server holds {self.num_unfinished} requests already "
+                    f"(max_waiting_requests); retry later"
+                )
             self._preparing[engine_id] = identity
             text, add_special, sources = self._prompt_and_media(msg)
             await self._submit(identity, engine_id, msg, text, add_special, sources)
@@ -281,6 +292,11 @@ class Frontend:
             self._reply_error(identity, msg.req_id, MMRuntimeError(f"internal error: {e}"))
         finally:
             self._preparing.pop(engine_id, None)
+
+    @property
+    def num_unfinished(self) -> int:
+        """Requests being prepared (media, preprocessing) or generating."""
+        return len(self._preparing) + len(self.requests)
 
     def _reply_error(self, identity: bytes, req_id: str, error: MMRuntimeError) -> None:
         self.counters["mm_runtime_request_errors_total"] += 1
@@ -316,7 +332,9 @@ class Frontend:
     ) -> None:
         allowed_path = self.config.allowed_local_media_path
         allowed = Path(allowed_path) if allowed_path else None
-        loaded = [await asyncio.to_thread(load_image_bytes, s, allowed) for s in sources]
+        loaded = [
+            await asyncio.to_thread(load_image_bytes, s, allowed, self.url_fetch) for s in sources
+        ]
         hashes = [mm_hash for _, mm_hash in loaded]
         data = dict((mm_hash, raw) for raw, mm_hash in loaded)
         results: dict[str, PreprocessResult] = {}
@@ -400,6 +418,7 @@ class Frontend:
         result = await self.pool.process("image", data)
         self.counters["mm_runtime_preprocess_jobs_total"] += 1
         self.counters["mm_runtime_preprocess_seconds_total"] += result.seconds
+        self.metrics.preprocess.observe(result.seconds)
         return result
 
     # ---- outputs ----
@@ -439,6 +458,7 @@ class Frontend:
                 client.first_token_s - client.arrival_s
             )
             self.counters["mm_runtime_time_to_first_token_seconds_count"] += 1
+            self.metrics.time_to_first_token.observe(client.first_token_s - client.arrival_s)
         client.token_ids.extend(out.new_token_ids)
         client.logprobs.extend(out.new_logprobs or [])
         delta = client.detokenizer.update(out.new_token_ids, finished=out.finished)
@@ -448,6 +468,9 @@ class Frontend:
             send(self.gpu_in, self.gpu_in_codec, AbortRequests([out.req_id]))
         if finish_reason is not None:
             del self.requests[out.req_id]
+            self.metrics.finished(
+                client.arrival_s, client.first_token_s, time.monotonic(), len(client.token_ids)
+            )
         elif not client.stream:
             return
         whole = not client.stream  # a non-streamed request gets everything in one final reply
@@ -495,6 +518,7 @@ class Frontend:
             "mm_runtime_feature_cache_tensor_bytes_sent_total": self.mirror.tensor_bytes_sent,
             "feature_cache_epoch": self.mirror.epoch,
             "frontend_requests_in_flight": len(self.requests),
+            "frontend_requests_unfinished": self.num_unfinished,
             "gpu_worker_pid": self.gpu_process.pid or 0,
         }
         stats |= {f"preprocess_{k}": v for k, v in self.pool.stats().items()}

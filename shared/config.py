@@ -66,6 +66,16 @@ class FrontendConfig:
     preprocess_workers: int = 2
     feature_cache_gb: float = 4.0  # both sides of the mirrored feature cache
     allowed_local_media_path: str | None = None
+    # Hosts whose http(s) image URLs are fetched; none by default, so a request cannot make the
+    # server reach into its own network (SSRF) unless the operator lists the hosts.
+    allowed_media_domains: tuple[str, ...] = ()
+    media_fetch_timeout_s: float = 10.0  # per http(s) image URL, connect and each read
+    max_media_fetch_mb: float = 32.0  # an http(s) image larger than this fails its request
+    api_key: str | None = None  # when set, /v1/* needs "Authorization: Bearer <key>"
+    max_request_body_mb: float = 64.0  # larger HTTP bodies get 413 before they are parsed
+    # Requests in the frontend (preparing or generating) beyond which new ones get 429; the
+    # GPU worker's own queue is bounded by this too, so memory stays bounded under overload.
+    max_waiting_requests: int = 4096
     limit_mm_per_prompt: dict[str, int] = field(default_factory=lambda: {"image": 4})
     ready_timeout_s: float = 900.0  # model loading on the GPU worker
 
@@ -74,6 +84,12 @@ class FrontendConfig:
             raise ConfigError("preprocess_workers must be >= 1")
         if self.feature_cache_gb < 0:
             raise ConfigError("feature_cache_gb must be >= 0")
+        if self.max_waiting_requests < 1:
+            raise ConfigError("max_waiting_requests must be >= 1")
+        if self.max_request_body_mb <= 0 or self.max_media_fetch_mb <= 0:
+            raise ConfigError("max_request_body_mb and max_media_fetch_mb must be > 0")
+        if self.media_fetch_timeout_s <= 0:
+            raise ConfigError("media_fetch_timeout_s must be > 0")
         for port in (self.port, self.zmq_port):
             if not 0 <= port < 65536:
                 raise ConfigError(f"port {port} out of range")
@@ -83,8 +99,21 @@ class FrontendConfig:
         return int(self.feature_cache_gb * 2**30)
 
     @property
+    def max_request_body_bytes(self) -> int:
+        return int(self.max_request_body_mb * 2**20)
+
+    @property
+    def max_media_fetch_bytes(self) -> int:
+        return int(self.max_media_fetch_mb * 2**20)
+
+    @property
     def model_name(self) -> str:
         return self.served_model_name or self.model
+
+
+def parse_domains(text: str) -> tuple[str, ...]:
+    """`example.com, Cdn.Example.com` -> ("example.com", "cdn.example.com")."""
+    return tuple(d.strip().lower() for d in text.split(",") if d.strip())
 
 
 def parse_limit_mm_per_prompt(text: str) -> dict[str, int]:

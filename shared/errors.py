@@ -77,6 +77,13 @@ class ModelNotFound(MMRuntimeError):
     http_status = 404
 
 
+class Overloaded(MMRuntimeError):
+    """The frontend holds `max_waiting_requests` already; the client may retry later."""
+
+    code = "rate_limit_exceeded"
+    http_status = 429
+
+
 # code -> HTTP status: each class's own code, plus the codes raised with a base class's status.
 _HTTP_STATUS = {
     cls.code: cls.http_status
@@ -89,6 +96,7 @@ _HTTP_STATUS = {
         ProtocolError,
         ConfigError,
         ModelNotFound,
+        Overloaded,
     )
 } | {
     "too_many_media_items": 400,

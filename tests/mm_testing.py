@@ -97,11 +97,8 @@ class RunningServer:
         from mm_runtime.launcher import build_frontend
         from mm_runtime.shared.config import FrontendConfig, GpuWorkerConfig
 
-        frontend_kwargs = {
-            k: gpu_kwargs.pop(k)
-            for k in ("preprocess_workers", "feature_cache_gb", "limit_mm_per_prompt")
-            if k in gpu_kwargs
-        }
+        frontend_fields = set(FrontendConfig.__dataclass_fields__) - {"model", "zmq_port"}
+        frontend_kwargs = {k: gpu_kwargs.pop(k) for k in frontend_fields & set(gpu_kwargs)}
         self.port = free_port()
         self.frontend = build_frontend(
             FrontendConfig(model=str(model_dir), zmq_port=self.port, **frontend_kwargs),

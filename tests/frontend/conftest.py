@@ -2,7 +2,12 @@
 
 Nothing can be downloaded here, so the tests train one (well under a second). Its few merges
 leave many multi-byte characters split across tokens, which is what detokenization must handle.
+Also a local HTTP server for http(s) media URLs.
 """
+
+import http.server
+import threading
+from collections.abc import Iterator
 
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -39,3 +44,43 @@ def build_tokenizer(vocab_size: int = 300) -> PreTrainedTokenizerBase:
 @pytest.fixture(scope="session")
 def tokenizer() -> PreTrainedTokenizerBase:
     return build_tokenizer()
+
+
+class _MediaHandler(http.server.BaseHTTPRequestHandler):
+    """Serves `files` (path -> bytes); `redirects` (path -> URL) answer 302."""
+
+    files: dict[str, bytes] = {}
+    redirects: dict[str, str] = {}
+
+    def do_GET(self) -> None:
+        if self.path in self.redirects:
+            self.send_response(302)
+            self.send_header("Location", self.redirects[self.path])
+            self.end_headers()
+        elif self.path in self.files:
+            data = self.files[self.path]
+            self.send_response(200)
+            self.send_header("Content-Type", "application/octet-stream")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+        else:
+            self.send_error(404)
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+        pass  # quiet tests
+
+
+@pytest.fixture(scope="module")
+def media_http() -> Iterator[tuple[str, type[_MediaHandler]]]:
+    """A local HTTP server on 127.0.0.1 in a thread: (base URL, its handler class, whose
+    `files` and `redirects` the test fills)."""
+    handler = type("Handler", (_MediaHandler,), {"files": {}, "redirects": {}})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", handler
+    finally:
+        server.shutdown()
+        server.server_close()

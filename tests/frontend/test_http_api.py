@@ -15,6 +15,7 @@ from pathlib import Path
 import openai
 import pytest
 from mm_testing import ARCHS, RunningServer, free_port, prompt_text, random_image
+from prometheus_client.parser import text_string_to_metric_families
 
 from mm_runtime import SamplingParams
 from mm_runtime.frontend.http_api import HttpServer
@@ -225,4 +226,122 @@ def test_client_disconnect_aborts(served: tuple) -> None:
             break
         time.sleep(0.05)
     assert server.stats()["mm_runtime_requests_aborted_total"] == before + 1
+    assert server.frontend.requests == {}
+
+
+def scrape(http: HttpServer) -> dict[tuple[str, frozenset], float]:
+    """GET /metrics, parsed: (sample name, labels) -> value."""
+    with urllib.request.urlopen(f"{http.address}/metrics") as response:
+        assert response.status == 200
+        assert response.headers["Content-Type"].startswith("text/plain")
+        text = response.read().decode()
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def test_metrics(served: tuple) -> None:
+    _, server, http = served
+    before = scrape(http)
+    names = {name for name, _ in before}
+    # DESIGN.md section 6: the names are an interface.
+    for name in (
+        "mm_runtime_feature_cache_hits_total",
+        "mm_runtime_feature_cache_misses_total",
+        "mm_runtime_encoder_cache_hits_total",
+        "mm_runtime_encoder_cache_misses_total",
+        "mm_runtime_prefix_cache_queries_tokens_total",
+        "mm_runtime_prefix_cache_hits_tokens_total",
+        "mm_runtime_preprocess_seconds_count",
+        "mm_runtime_time_to_first_token_seconds_bucket",
+        "mm_runtime_time_per_output_token_seconds_sum",
+        "mm_runtime_e2e_request_latency_seconds_count",
+        "mm_runtime_requests_running",
+        "mm_runtime_requests_waiting",
+        "mm_runtime_kv_cache_usage_ratio",
+        "mm_runtime_requests_total",
+    ):
+        assert name in names, name
+
+    client = openai.OpenAI(base_url=f"{http.address}/v1", api_key="none")
+    model = server.frontend.config.model_name
+    client.chat.completions.create(
+        model=model, messages=chat_messages(1234, "Which colors?"), **GREEDY_HTTP
+    )
+    after = scrape(http)
+
+    def moved(name: str, **labels: str) -> float:
+        key = (name, frozenset(labels.items()))
+        return after[key] - before.get(key, 0.0)
+
+    assert moved("mm_runtime_requests_total") == 1
+    assert moved("mm_runtime_http_requests_total", route="/v1/chat/completions", status="200") == 1
+    assert moved("mm_runtime_http_requests_total", route="/metrics", status="200") == 1
+    assert moved("mm_runtime_time_to_first_token_seconds_count") == 1
+    assert moved("mm_runtime_e2e_request_latency_seconds_count") == 1
+    assert moved("mm_runtime_time_per_output_token_seconds_count") == 1
+    assert moved("mm_runtime_preprocess_seconds_count") == 1  # a new image: one job
+    assert moved("mm_runtime_feature_cache_misses_total") == 1
+    assert after[("mm_runtime_requests_running", frozenset())] == 0
+
+
+def test_n_choices(served: tuple) -> None:
+    _, server, http = served
+    client = openai.OpenAI(base_url=f"{http.address}/v1", api_key="none", max_retries=0)
+    model = server.frontend.config.model_name
+    messages = chat_messages(7, "Describe it.")
+    expected = sdk_chat(server, messages)
+
+    greedy = client.chat.completions.create(model=model, messages=messages, n=2, **GREEDY_HTTP)
+    assert [c.index for c in greedy.choices] == [0, 1]
+    assert [c.message.content for c in greedy.choices] == [expected.text] * 2
+    assert greedy.usage.prompt_tokens == expected.usage.prompt_tokens  # counted once
+    assert greedy.usage.completion_tokens == 2 * MAX_TOKENS
+
+    sampled = {"max_tokens": MAX_TOKENS, "temperature": 1.0, "seed": 3, "n": 3}
+    sampled["extra_body"] = {"ignore_eos": True}
+    whole = client.chat.completions.create(model=model, messages=messages, **sampled)
+    texts = [c.message.content for c in whole.choices]
+    assert len(set(texts)) > 1  # seeds 3, 4, 5: different samples
+    stream = client.chat.completions.create(
+        model=model,
+        messages=messages,
+        stream=True,
+        stream_options={"include_usage": True},
+        **sampled,
+    )
+    streamed = ["", "", ""]
+    finished = set()
+    usage = None
+    for chunk in stream:
+        for c in chunk.choices:
+            streamed[c.index] += c.delta.content or ""
+            if c.finish_reason is not None:
+                finished.add(c.index)
+        usage = chunk.usage or usage
+    assert streamed == texts and finished == {0, 1, 2}  # seeded: the same samples streamed
+    assert usage.completion_tokens == 3 * MAX_TOKENS
+
+    completion = client.completions.create(model=model, prompt="Once upon", n=2, **GREEDY_HTTP)
+    assert [c.index for c in completion.choices] == [0, 1]
+    assert completion.choices[0].text == completion.choices[1].text
+
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model=model, messages=messages, n=0, max_tokens=2)
+    assert err.value.response.json()["error"]["code"] == "invalid_request"
+    broken = [{"type": "image_url", "image_url": {"url": "data:image/png;base64,%%%"}}]
+    for stream in (False, True):  # every choice fails: one error, the others closed cleanly
+        with pytest.raises(openai.BadRequestError) as err:
+            client.chat.completions.create(
+                model=model,
+                messages=[{"role": "user", "content": broken}],
+                n=3,
+                max_tokens=2,
+                stream=stream,
+            )
+        assert err.value.response.json()["error"]["code"] == "invalid_media"
+    out = client.chat.completions.create(model=model, messages=messages, **GREEDY_HTTP)
+    assert out.choices[0].message.content == expected.text
     assert server.frontend.requests == {}

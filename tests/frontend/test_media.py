@@ -1,5 +1,6 @@
 """Media loading: every source kind gives the same raw bytes, undecoded, the hash follows the bytes
-(or a PIL image's pixels), and local paths are served only from under the allowed folder.
+(or a PIL image's pixels), local paths are served only from under the allowed folder, and http(s)
+URLs are fetched only from allowed hosts, redirects included, within a size cap.
 
 Decoding is the preprocess worker's job: see tests/preprocess_worker/test_processors.py.
 """
@@ -13,7 +14,7 @@ import pytest
 from mm_testing import random_image
 from PIL import Image
 
-from mm_runtime.frontend.media import hash_pil_image, load_image_bytes
+from mm_runtime.frontend.media import UrlFetch, hash_pil_image, load_image_bytes
 from mm_runtime.shared.errors import MediaError
 from mm_runtime.shared.hashing import hash_media
 
@@ -196,3 +197,34 @@ def test_pil_hash_includes_the_mode() -> None:
 def test_same_pixels_other_encoding_hashes_by_bytes() -> None:
     """The hash is over the raw bytes, as DESIGN.md says: a PNG and a BMP of one image differ."""
     assert mm_hash(encode(IMAGE, "PNG")) != mm_hash(encode(IMAGE, "BMP"))
+
+
+# ---- http(s) URLs ----
+
+
+def test_http_urls(media_http: tuple) -> None:
+    base, handler = media_http
+    port = base.rsplit(":", 1)[1]
+    handler.files["/cat.png"] = PNG
+    handler.files["/big.bin"] = b"x" * 5000
+    handler.redirects["/here"] = f"{base}/cat.png"
+    handler.redirects["/away"] = f"http://localhost:{port}/cat.png"  # same server, other host
+    fetch = UrlFetch(allowed_domains=("127.0.0.1",), timeout_s=5.0, max_bytes=4096)
+
+    assert load_image_bytes(f"{base}/cat.png", fetch=fetch) == load_image_bytes(PNG)
+    assert load_image_bytes(f"{base}/here", fetch=fetch) == load_image_bytes(PNG)
+    failures = [
+        (f"{base}/away", "host 'localhost' is not allowed"),
+        (f"http://localhost:{port}/cat.png", "host 'localhost' is not allowed"),
+        (f"{base}/big.bin", "5000 bytes, over 4096"),
+        (f"{base}/missing.png", "cannot fetch.*404"),
+        ("http://127.0.0.1:1/a.png", "cannot fetch"),  # nothing listens there
+    ]
+    for url, match in failures:
+        with pytest.raises(MediaError, match=match) as info:
+            load_image_bytes(url, fetch=fetch)
+        assert info.value.code == "invalid_media"
+    with pytest.raises(MediaError, match="not allowed.*--allowed-media-domains"):
+        load_image_bytes(f"{base}/cat.png", fetch=UrlFetch())  # no domains allowed by default
+    with pytest.raises(MediaError, match="unsupported image source"):
+        load_image_bytes(f"{base}/cat.png")  # no fetching at all (the offline LLM)
