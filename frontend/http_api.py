@@ -20,7 +20,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 import uvicorn
@@ -28,7 +28,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
 from mm_runtime.frontend.http_guard import HttpGuard, error_body
@@ -56,6 +56,9 @@ SUPPORTED_PARTS = ("text", "image_url")
 UNSUPPORTED_MEDIA_PARTS = ("video_url", "input_audio", "audio_url")
 MAX_N = 16  # choices per request: each is a whole engine request
 _HTTP_ERROR_CODES = {413: "request_too_large"}  # others: "http_error"
+# Every integer of a request fits an int64: a larger one cannot cross the wire (msgspec) or sit in
+# a tensor, and failed there as a 500 (found by fuzzing, tests/frontend/test_http_fuzz.py).
+Int64 = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
 
 
 class StreamOptions(BaseModel):
@@ -68,13 +71,13 @@ class _SamplingFields(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str | None = None
-    max_tokens: int | None = None  # None: up to the model length
+    max_tokens: Int64 | None = None  # None: up to the model length
     temperature: float = 1.0
     top_p: float = 1.0
-    top_k: int = 0  # an extra, as in vLLM; 0 or -1: off
-    seed: int | None = None
+    top_k: Int64 = 0  # an extra, as in vLLM; 0 or -1: off
+    seed: Int64 | None = None
     stop: str | list[str] | None = None
-    n: int = 1
+    n: Int64 = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False  # an extra, as in vLLM
@@ -82,14 +85,14 @@ class _SamplingFields(BaseModel):
 
 class ChatCompletionRequest(_SamplingFields):
     messages: list[dict[str, Any]]
-    max_completion_tokens: int | None = None  # OpenAI's newer name for max_tokens
+    max_completion_tokens: Int64 | None = None  # OpenAI's newer name for max_tokens
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: Int64 | None = None
 
 
 class CompletionRequest(_SamplingFields):
     prompt: str
-    logprobs: int | None = None  # the legacy API: how many top logprobs, None for none
+    logprobs: Int64 | None = None  # the legacy API: how many top logprobs, None for none
 
 
 class HttpServer:

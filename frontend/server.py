@@ -275,6 +275,10 @@ class Frontend:
         engine_id = self._engine_id(identity, msg.req_id)
         self.counters["mm_runtime_requests_total"] += 1
         try:
+            if not self.gpu_process.is_alive():
+                # The watcher failed what was in flight; a request coming after that would
+                # wait for replies that never come (until the launcher exits).
+                raise EngineDead("the GPU worker died; the server is shutting down")
             if engine_id in self.requests or engine_id in self._preparing:
                 raise InvalidRequest(f"request id {msg.req_id!r} is already in flight")
             if self.num_unfinished >= self.config.max_waiting_requests:

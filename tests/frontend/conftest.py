@@ -2,16 +2,20 @@
 
 Nothing can be downloaded here, so the tests train one (well under a second). Its few merges
 leave many multi-byte characters split across tokens, which is what detokenization must handle.
-Also a local HTTP server for http(s) media URLs.
+Also a local HTTP server for http(s) media URLs, and real servers with their HTTP API.
 """
 
 import http.server
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
+from mm_testing import RunningServer, free_port
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+from mm_runtime.frontend.http_api import HttpServer
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_end|>"]
 CORPUS = [
@@ -84,3 +88,25 @@ def media_http() -> Iterator[tuple[str, type[_MediaHandler]]]:
     finally:
         server.shutdown()
         server.server_close()
+
+
+@pytest.fixture(scope="module")
+def start_http() -> Iterator[Callable[..., tuple[RunningServer, HttpServer]]]:
+    """`start(model_dir, **config)`: a real server (`RunningServer`, same config keywords) with
+    its HTTP API on a free port, as (server, http); all are stopped after the module's tests."""
+    started: list[tuple[RunningServer, HttpServer]] = []
+
+    def start(model_dir: Path, **config: object) -> tuple[RunningServer, HttpServer]:
+        server = RunningServer(model_dir, **config)
+        http = HttpServer(server.frontend, "127.0.0.1", free_port())
+        started.append((server, http))
+        server.call(http.start())
+        return server, http
+
+    try:
+        yield start
+    finally:
+        for server, http in reversed(started):
+            if http.server.started:
+                server.call(http.stop())
+            server.close()
