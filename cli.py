@@ -137,6 +137,12 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--feature-cache-gb", type=float, default=4.0)
     p.add_argument("--encoder-cache-tokens", type=int, default=None)
     p.add_argument("--limit-mm-per-prompt", default="image=4", help="e.g. image=4")
+    p.add_argument(
+        "--chat-template",
+        default=None,
+        help="a Jinja chat template file (or the template text itself) to use instead of the "
+        "model's, for chat requests over HTTP and the SDK",
+    )
     p.add_argument("--allowed-local-media-path", default=None)
     p.add_argument(
         "--allowed-media-domains",
@@ -163,9 +169,12 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    from mm_runtime.frontend.prompt import load_chat_template
     from mm_runtime.launcher import serve  # heavy imports only for this subcommand
     from mm_runtime.shared.tiny_models import tiny_model_dir
 
+    # Read first: a bad template stops the command before any process starts.
+    chat_template = None if args.chat_template is None else load_chat_template(args.chat_template)
     model = args.model
     if model is None:
         model = str(tiny_model_dir("qwen2_vl"))
@@ -179,6 +188,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         preprocess_workers=args.preprocess_workers,
         feature_cache_gb=args.feature_cache_gb,
         allowed_local_media_path=args.allowed_local_media_path,
+        chat_template=chat_template,
         allowed_media_domains=parse_domains(args.allowed_media_domains),
         media_fetch_timeout_s=args.media_fetch_timeout_s,
         max_media_fetch_mb=args.max_media_fetch_mb,

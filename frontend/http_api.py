@@ -9,8 +9,10 @@ chunk last when `stream_options.include_usage`, then `data: [DONE]`. Errors are 
 `{"error": {"message", "type", "param", "code"}}` with the status of their code
 (`shared/errors.py`). A client that goes away has its request aborted in the GPU worker.
 `n > 1` runs n engine requests of the same prompt (seeds `seed + i`, as vLLM's parallel
-sampling), answered as one response whose choices carry their `index`. API keys, the body cap
-and the request counter are `http_guard.py`'s; `/metrics` renders `metrics.py`'s registry.
+sampling), answered as one response whose choices carry their `index`; a completions `prompt`
+may be a list (of strings, or of token id lists, as vLLM takes), each prompt with its n choices.
+Responses are laid out by `openai_format.py`; API keys, the body cap and the request counter
+are `http_guard.py`'s; `/metrics` renders `metrics.py`'s registry.
 """
 
 import asyncio
@@ -32,6 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
 from mm_runtime.frontend.http_guard import HttpGuard, error_body
+from mm_runtime.frontend.openai_format import MAX_LOGPROBS, ChatShape, CompletionShape, Shape
 from mm_runtime.frontend.server import Frontend
 from mm_runtime.shared.errors import (
     ConfigError,
@@ -47,7 +50,6 @@ from mm_runtime.shared.wire import (
     RequestDelta,
     SamplingParams,
     TextPart,
-    TokenLogprobs,
 )
 
 logger = logging.getLogger(__name__)
@@ -59,6 +61,7 @@ _HTTP_ERROR_CODES = {413: "request_too_large"}  # others: "http_error"
 # Every integer of a request fits an int64: a larger one cannot cross the wire (msgspec) or sit in
 # a tensor, and failed there as a 500 (found by fuzzing, tests/frontend/test_http_fuzz.py).
 Int64 = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
+NumLogprobs = Annotated[int, Field(ge=0, le=MAX_LOGPROBS)]
 
 
 class StreamOptions(BaseModel):
@@ -87,12 +90,13 @@ class ChatCompletionRequest(_SamplingFields):
     messages: list[dict[str, Any]]
     max_completion_tokens: Int64 | None = None  # OpenAI's newer name for max_tokens
     logprobs: bool = False
-    top_logprobs: Int64 | None = None
+    top_logprobs: NumLogprobs | None = None
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: str
-    logprobs: Int64 | None = None  # the legacy API: how many top logprobs, None for none
+    # One prompt (text or token ids) or several (texts or token id lists), as vLLM takes them.
+    prompt: str | list[str] | list[Int64] | list[list[Int64]]
+    logprobs: NumLogprobs | None = None  # the legacy API: how many top logprobs, None for none
 
 
 class HttpServer:
@@ -180,21 +184,25 @@ class _Api:
             )
             for params in self._sampling_params(body, max_tokens, num_top)
         ]
-        shape = _ChatShape(self, num_top is not None, body.stream)
+        shape = ChatShape(self.tokenizer, body.n, num_top is not None, body.stream)
         return await self._respond(msgs, body, request, shape)
 
     async def completions(self, body: CompletionRequest, request: Request) -> Response:
         self._check_model(body.model)
-        msgs = [
+        choices = self._sampling_params(body, body.max_tokens, body.logprobs)
+        msgs = [  # prompt by prompt, each with its n choices: choice index = prompt * n + j
             GenerateRequest(
                 req_id=f"cmpl-{uuid.uuid4().hex}",
-                prompt=body.prompt,
+                prompt=prompt if isinstance(prompt, str) else None,
+                prompt_token_ids=None if isinstance(prompt, str) else prompt,
                 sampling_params=params,
                 stream=body.stream,
             )
-            for params in self._sampling_params(body, body.max_tokens, body.logprobs)
+            for prompt in _prompts(body.prompt)
+            for params in choices
         ]
-        return await self._respond(msgs, body, request, _CompletionShape(self))
+        shape = CompletionShape(self.tokenizer, body.n, body.logprobs is not None)
+        return await self._respond(msgs, body, request, shape)
 
     async def models(self) -> dict[str, object]:
         card = {"id": self.model_name, "object": "model", "created": 0, "owned_by": "mm-runtime"}
@@ -244,7 +252,7 @@ class _Api:
     # ---- responses out ----
 
     async def _respond(
-        self, msgs: list[GenerateRequest], body: _SamplingFields, request: Request, shape: "_Shape"
+        self, msgs: list[GenerateRequest], body: _SamplingFields, request: Request, shape: Shape
     ) -> Response:
         created = int(time.time())
         streams = [self.frontend.generate_local(m) for m in msgs]  # one per choice
@@ -265,72 +273,9 @@ class _Api:
         events = _sse(shape, head, firsts, streams, include_usage)
         return StreamingResponse(events, media_type="text/event-stream")
 
-    def logprobs(self, entries: list[TokenLogprobs]) -> list[dict[str, object]]:
-        """OpenAI's per-token logprobs entries (the chat API's `logprobs.content`)."""
-        return [
-            {
-                **self._token(e.sampled.token_id, e.sampled.logprob),
-                "top_logprobs": [self._token(t.token_id, t.logprob) for t in e.top],
-            }
-            for e in entries
-        ]
-
-    def _token(self, token_id: int, logprob: float) -> dict[str, object]:
-        text = self.tokenizer.decode([token_id])
-        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
-
-
-class _Shape:
-    """How one API (chat or text completions) lays out a whole response and a stream chunk."""
-
-    object_name: str
-    chunk_name: str
-
-    def choice(self, delta: RequestDelta, first: bool) -> dict[str, object]:
-        raise NotImplementedError
-
-    def whole(self, head: dict[str, object], replies: list[RequestDelta]) -> dict[str, object]:
-        return {
-            **head,
-            "object": self.object_name,
-            "choices": [self.choice(r, first=True) | {"index": i} for i, r in enumerate(replies)],
-            "usage": _usage(replies),
-        }
-
-
-class _ChatShape(_Shape):
-    object_name = "chat.completion"
-    chunk_name = "chat.completion.chunk"
-
-    def __init__(self, api: _Api, with_logprobs: bool, streaming: bool) -> None:
-        self.api = api
-        self.with_logprobs = with_logprobs
-        self.streaming = streaming  # chunks carry a "delta", whole responses a "message"
-
-    def choice(self, delta: RequestDelta, first: bool) -> dict[str, object]:
-        logprobs = None
-        if self.with_logprobs:
-            logprobs = {"content": self.api.logprobs(delta.logprobs or [])}
-        content: dict[str, object] = {"content": delta.text}
-        if first:
-            content = {"role": "assistant"} | content
-        key = "delta" if self.streaming else "message"
-        return {key: content, "logprobs": logprobs, "finish_reason": delta.finish_reason}
-
-
-class _CompletionShape(_Shape):
-    object_name = "text_completion"
-    chunk_name = "text_completion"
-
-    def __init__(self, api: _Api) -> None:
-        self.api = api
-
-    def choice(self, delta: RequestDelta, first: bool) -> dict[str, object]:
-        return {"text": delta.text, "logprobs": None, "finish_reason": delta.finish_reason}
-
 
 async def _sse(
-    shape: _Shape,
+    shape: Shape,
     head: dict[str, object],
     firsts: list[RequestDelta],
     streams: list[AsyncIterator[RequestDelta]],
@@ -349,7 +294,7 @@ async def _sse(
     pending: dict[asyncio.Future[RequestDelta], int] = {}  # next reply -> choice index
     try:
         for i, reply in enumerate(firsts):
-            yield event([shape.choice(reply, first=True) | {"index": i}])
+            yield event([shape.choice(i, reply, first=True)])
             if reply.finish_reason is None:
                 pending[asyncio.ensure_future(anext(streams[i]))] = i
         while pending:
@@ -358,11 +303,11 @@ async def _sse(
                 i = pending.pop(task)
                 finals[i] = reply = task.result()
                 if reply.text or reply.finish_reason or reply.logprobs:
-                    yield event([shape.choice(reply, first=False) | {"index": i}])
+                    yield event([shape.choice(i, reply, first=False)])
                 if reply.finish_reason is None:
                     pending[asyncio.ensure_future(anext(streams[i]))] = i
         if include_usage:
-            yield event([], _usage(finals))
+            yield event([], shape.usage(finals))
     except MMRuntimeError as e:  # failed after the response began: the error as one event
         yield f"data: {json.dumps(error_body(e))}\n\n"
     finally:
@@ -411,6 +356,18 @@ async def _until_disconnected(request: Request, pending: Awaitable[RequestDelta]
     return task.result()
 
 
+def _prompts(prompt: str | list[str] | list[int] | list[list[int]]) -> list[str | list[int]]:
+    """A completions `prompt` -> its prompts: a string or a token id list is one prompt, a list
+    of strings or of token id lists is several."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if not prompt:
+        raise InvalidRequest("prompt is an empty list")
+    if all(isinstance(t, int) for t in prompt):
+        return [prompt]  # type: ignore[list-item]
+    return list(prompt)  # type: ignore[arg-type]
+
+
 def _chat_messages(messages: list[dict[str, Any]]) -> list[ChatMessage]:
     """OpenAI messages -> wire messages. Only text and image_url parts pass; an image URL is
     loaded by the frontend as the SDK's are (data URL, or a path under the allowed folder)."""
@@ -445,18 +402,6 @@ def _content_part(part: object) -> TextPart | ImageURLPart:
             code="unsupported_media",
         )
     raise InvalidRequest(f"unsupported content part type {kind!r}; supported: {supported}")
-
-
-def _usage(finals: list[RequestDelta]) -> dict[str, int]:
-    """The prompt counts once however many choices share it (as OpenAI's usage does)."""
-    assert all(r.usage is not None for r in finals)  # the final replies carry it
-    prompt = finals[0].usage.prompt_tokens  # type: ignore[union-attr]
-    completion = sum(r.usage.completion_tokens for r in finals)  # type: ignore[union-attr]
-    return {
-        "prompt_tokens": prompt,
-        "completion_tokens": completion,
-        "total_tokens": prompt + completion,
-    }
 
 
 async def _on_error(request: Request, error: MMRuntimeError) -> JSONResponse:

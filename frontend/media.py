@@ -55,7 +55,7 @@ def load_image_bytes(
     elif isinstance(source, Path) or (isinstance(source, str) and "://" not in source):
         data = _local_bytes(Path(source), allowed_local_media_path)
     elif isinstance(source, str) and source.startswith("file://"):
-        data = _local_bytes(Path(source.removeprefix("file://")), allowed_local_media_path)
+        data = _local_bytes(_file_url_path(source), allowed_local_media_path)
     elif (
         isinstance(source, str) and fetch is not None and source.startswith(("http://", "https://"))
     ):
@@ -83,6 +83,15 @@ def _data_url_bytes(url: str) -> bytes:
         return base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError) as e:
         raise MediaError(f"image data URL is not valid base64: {e}") from e
+
+
+def _file_url_path(url: str) -> Path:
+    """file:///a/my%20cat.png -> /a/my cat.png: percent-escapes decoded, as `Path.as_uri()` and
+    browsers write them (a `..` spelled %2e%2e is decoded too, then resolved and refused)."""
+    parts = urlsplit(url)
+    if parts.netloc not in ("", "localhost"):
+        raise MediaError(f"a file URL names a local path, file:///path (got host {parts.netloc!r})")
+    return Path(urllib.request.url2pathname(parts.path))
 
 
 def _local_bytes(path: Path, allowed_local_media_path: Path | None) -> bytes:

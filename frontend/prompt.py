@@ -4,15 +4,20 @@ A user writes one placeholder per image (`<image>` for LLaVA, `<|vision_start|><
 <|vision_end|>` for Qwen2-VL); the image token is repeated as many times as the encoder will
 emit for that image, then the whole string is tokenized at once, as the HF processor does, so
 token ids match Hugging Face exactly. Each item's placeholder range is then found in the ids.
+
+The chat template is the model's, unless `--chat-template` overrides it (`load_chat_template`).
 """
 
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
+import jinja2
 from PIL import Image
 from transformers import AutoProcessor, AutoTokenizer, PreTrainedTokenizerBase
+from transformers.utils.chat_template_utils import render_jinja_template
 
-from mm_runtime.shared.errors import InvalidRequest
+from mm_runtime.shared.errors import ConfigError, InvalidRequest
 from mm_runtime.shared.model_info import ModelInfo
 from mm_runtime.shared.wire import PlaceholderRange
 
@@ -20,12 +25,15 @@ ImageRef = Image.Image | str | bytes  # a PIL image, a URL (data URL, file path)
 
 
 class PromptBuilder:
-    def __init__(self, info: ModelInfo) -> None:
+    def __init__(self, info: ModelInfo, chat_template: str | None = None) -> None:
+        """`chat_template`: Jinja text that replaces the model's own (None: the model's)."""
         self.info = info
         self.tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(info.model_dir)
         processor = AutoProcessor.from_pretrained(info.model_dir)
-        self.chat_template: str | None = getattr(processor, "chat_template", None) or getattr(
-            self.tokenizer, "chat_template", None
+        self.chat_template: str | None = (
+            chat_template
+            or getattr(processor, "chat_template", None)
+            or getattr(self.tokenizer, "chat_template", None)
         )
         self._processor = processor
 
@@ -33,9 +41,18 @@ class PromptBuilder:
         return prompt.count(self.info.image_token)
 
     def tokenize(
-        self, prompt: str, num_tokens_per_image: list[int], add_special_tokens: bool = True
+        self,
+        prompt: str | list[int],
+        num_tokens_per_image: list[int],
+        add_special_tokens: bool = True,
     ) -> tuple[list[int], list[PlaceholderRange]]:
-        """Expands each image placeholder to its token count, tokenizes, locates the ranges."""
+        """Expands each image placeholder to its token count, tokenizes, locates the ranges.
+        A prompt of token ids is taken as it is; it has no placeholders to expand, so no images
+        (and no image token: the check below refuses one that no image would fill)."""
+        if isinstance(prompt, list):
+            if num_tokens_per_image:
+                raise InvalidRequest("a prompt of token ids cannot carry images")
+            return prompt, self._placeholder_ranges(prompt, [])
         token = self.info.image_token
         parts = prompt.split(token)
         if len(parts) - 1 != len(num_tokens_per_image):
@@ -96,13 +113,43 @@ class PromptBuilder:
             hf_messages.append({"role": message["role"], "content": parts})
         if not hf_messages:  # transformers would fail with an IndexError
             raise InvalidRequest("messages is empty")
-        prompt = self._processor.apply_chat_template(
-            hf_messages,
-            chat_template=self.chat_template,
-            tokenize=False,
-            add_generation_prompt=add_generation_prompt,
-        )
+        try:
+            prompt = self._processor.apply_chat_template(
+                hf_messages,
+                chat_template=self.chat_template,
+                tokenize=False,
+                add_generation_prompt=add_generation_prompt,
+            )
+        except jinja2.TemplateError as e:  # its raise_exception(), e.g. roles out of order
+            raise InvalidRequest(f"the chat template refused these messages: {e}") from e
         return prompt, images
+
+
+def load_chat_template(value: str) -> str:
+    """`--chat-template`: the text of the file `value` names, or, as in vLLM, `value` itself
+    when it is no file but looks like a template (has a brace or a line break). Fails with
+    `ConfigError` at startup, not at the first chat request, on a missing file or bad Jinja."""
+    try:
+        text, where = Path(value).read_text(), f"file {value!r}"
+    except (OSError, ValueError) as e:  # ValueError: a NUL in the name, or not UTF-8
+        if not any(c in value for c in "{}\n"):
+            raise ConfigError(
+                f"--chat-template {value!r} looks like a file path, but cannot be read: {e}"
+            ) from e
+        text, where = value, "given inline"
+    try:
+        # One trial conversation through transformers' own (sandboxed) Jinja environment, so the
+        # check knows its extensions and filters; it compiles the template first.
+        render_jinja_template(
+            [[{"role": "user", "content": "Hello"}]], chat_template=text, add_generation_prompt=True
+        )
+    except jinja2.TemplateSyntaxError as e:
+        raise ConfigError(
+            f"the chat template {where} is not valid Jinja: line {e.lineno}: {e}"
+        ) from e
+    except Exception:
+        pass  # it compiles; refusing this trial conversation is its right (a request's 400 then)
+    return text
 
 
 def _image_ref(part: dict[str, Any]) -> ImageRef:

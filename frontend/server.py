@@ -101,7 +101,7 @@ class Frontend:
         self.gpu_process = gpu_process
         self.pool = pool
         self.info = ModelInfo.from_model_dir(config.model)
-        self.prompts = PromptBuilder(self.info)
+        self.prompts = PromptBuilder(self.info, config.chat_template)
         self.mirror = FeatureCacheMirror(config.feature_cache_bytes)
         self.url_fetch = UrlFetch(
             config.allowed_media_domains, config.media_fetch_timeout_s, config.max_media_fetch_bytes
@@ -306,11 +306,17 @@ class Frontend:
         self.counters["mm_runtime_request_errors_total"] += 1
         self._reply(identity, RequestFailed(req_id, ErrorInfo(error.code, error.message, req_id)))
 
-    def _prompt_and_media(self, msg: GenerateRequest) -> tuple[str, bool, list[str | bytes]]:
-        if (msg.prompt is None) == (msg.messages is None):
-            raise InvalidRequest("give exactly one of prompt and messages")
-        if msg.prompt is not None:
-            text, add_special = msg.prompt, True
+    def _prompt_and_media(
+        self, msg: GenerateRequest
+    ) -> tuple[str | list[int], bool, list[str | bytes]]:
+        """(the prompt text or token ids, whether to add special tokens, the image sources)."""
+        if sum(p is not None for p in (msg.prompt, msg.prompt_token_ids, msg.messages)) != 1:
+            raise InvalidRequest("give exactly one of prompt, prompt_token_ids and messages")
+        text: str | list[int]
+        if msg.messages is None:
+            # Token ids are used as they are; PromptBuilder.tokenize refuses images with them.
+            text = msg.prompt if msg.prompt is not None else msg.prompt_token_ids or []
+            add_special = msg.prompt is not None
             sources = [
                 p.data if isinstance(p, ImageBytesPart) else p.image_url.url for p in msg.images
             ]
@@ -330,7 +336,7 @@ class Frontend:
         identity: bytes,
         engine_id: str,
         msg: GenerateRequest,
-        text: str,
+        text: str | list[int],
         add_special: bool,
         sources: list[str | bytes],
     ) -> None:
@@ -364,7 +370,7 @@ class Frontend:
         identity: bytes,
         engine_id: str,
         msg: GenerateRequest,
-        text: str,
+        text: str | list[int],
         add_special: bool,
         hashes: list[str],
         results: dict[str, PreprocessResult],

@@ -66,6 +66,8 @@ class FrontendConfig:
     preprocess_workers: int = 2
     feature_cache_gb: float = 4.0  # both sides of the mirrored feature cache
     allowed_local_media_path: str | None = None
+    # Jinja text replacing the model's chat template (the CLI reads --chat-template's file).
+    chat_template: str | None = None
     # Hosts whose http(s) image URLs are fetched; none by default, so a request cannot make the
     # server reach into its own network (SSRF) unless the operator lists the hosts.
     allowed_media_domains: tuple[str, ...] = ()

@@ -168,11 +168,13 @@ class ChatMessage(msgspec.Struct, frozen=True):
 
 
 class GenerateRequest(msgspec.Struct, tag="generate", kw_only=True):
-    """A completion (`prompt` + `images`, one placeholder per image in the prompt) or a chat
-    (`messages`, images as content parts). Exactly one of prompt / messages."""
+    """A completion (`prompt` + `images`, one placeholder per image in the prompt, or the prompt
+    already tokenized as `prompt_token_ids`, without images) or a chat (`messages`, images as
+    content parts). Exactly one of prompt / prompt_token_ids / messages."""
 
     req_id: str  # unique per client connection
     prompt: str | None = None
+    prompt_token_ids: list[int] | None = None  # used as they are: no special tokens added
     images: list[ImageBytesPart | ImageURLPart] = msgspec.field(default_factory=list)
     messages: list[ChatMessage] | None = None
     sampling_params: SamplingParams = msgspec.field(default_factory=SamplingParams)

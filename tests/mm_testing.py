@@ -78,6 +78,24 @@ def hf_greedy(
     return out[0, inputs["input_ids"].shape[1] :].tolist()
 
 
+def http_post(
+    url: str, body: bytes, headers: dict[str, str] | None = None, timeout_s: float = 60
+) -> tuple[int, dict]:
+    """POST raw bytes (JSON by default) past any client-side checks: (status, JSON reply),
+    error statuses included."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    headers = {"Content-Type": "application/json"} if headers is None else headers
+    request = urllib.request.Request(url, data=body, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
 def free_port() -> int:
     import socket
 
@@ -102,7 +120,7 @@ class RunningServer:
         self.port = free_port()
         self.frontend = build_frontend(
             FrontendConfig(model=str(model_dir), zmq_port=self.port, **frontend_kwargs),
-            GpuWorkerConfig(model=str(model_dir), device="cpu", **gpu_kwargs),
+            GpuWorkerConfig(model=str(model_dir), **{"device": "cpu", **gpu_kwargs}),
         )
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)

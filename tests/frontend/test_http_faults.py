@@ -19,7 +19,7 @@ from pathlib import Path
 
 import openai
 import pytest
-from mm_testing import RunningServer
+from mm_testing import RunningServer, http_post
 
 from mm_runtime.frontend.http_api import HttpServer
 
@@ -45,16 +45,7 @@ def in_flight(server: RunningServer) -> int:
 
 def post_chat(http_server: HttpServer, model: str, stream: bool = False) -> tuple[int, dict]:
     body = json.dumps({"model": model, "messages": TEXT, "stream": stream, **LONG}).encode()
-    request = urllib.request.Request(
-        f"{http_server.address}/v1/chat/completions",
-        data=body,
-        headers={"Content-Type": "application/json"},
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
+    return http_post(f"{http_server.address}/v1/chat/completions", body)
 
 
 def health(http_server: HttpServer) -> int:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import openai
 import pytest
-from mm_testing import RunningServer, free_port, random_image
+from mm_testing import RunningServer, free_port, http_post, random_image
 
 from mm_runtime.frontend.http_api import HttpServer
 from mm_runtime.frontend.sdk import media_bytes
@@ -61,22 +61,13 @@ def still_serves(server: RunningServer, http_server: HttpServer) -> None:
     assert out.usage.completion_tokens == GREEDY["max_tokens"]
 
 
-def post(url: str, body: bytes, headers: dict[str, str]) -> tuple[int, dict]:
-    request = urllib.request.Request(url, data=body, headers=headers)
-    try:
-        with urllib.request.urlopen(request) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
-
-
 def test_api_key(guarded: tuple) -> None:
     server, http_server = guarded
     model = server.frontend.config.model_name
     url = f"{http_server.address}/v1/chat/completions"
     body = json.dumps({"messages": TEXT, "max_tokens": 2}).encode()
     for headers in ({}, {"Authorization": API_KEY}, {"Authorization": f"Basic {API_KEY}"}):
-        status, answer = post(url, body, {"Content-Type": "application/json", **headers})
+        status, answer = http_post(url, body, {"Content-Type": "application/json", **headers})
         assert status == 401
         assert_openai_error(answer, "invalid_api_key")
     for key in ("wrong-key", API_KEY + "x"):
@@ -102,7 +93,7 @@ def test_body_too_large(guarded: tuple) -> None:
     headers = {"Content-Type": "application/json", "Authorization": f"Bearer {API_KEY}"}
     filler = "x" * int(MAX_BODY_MB * 2**20)
     big = json.dumps({"model": "m", "messages": [{"role": "user", "content": filler}]})
-    status, body = post(url, big.encode(), headers)  # declared Content-Length: refused unread
+    status, body = http_post(url, big.encode(), headers)  # declared Content-Length: refused unread
     assert status == 413
     assert "max_request_body_mb" in assert_openai_error(body, "request_too_large")["message"]
 
@@ -118,7 +109,7 @@ def test_body_too_large(guarded: tuple) -> None:
     connection.close()
 
     small = json.dumps({"messages": TEXT, "max_tokens": 2, "ignore_eos": True}).encode()
-    assert post(url, small, headers)[0] == 200
+    assert http_post(url, small, headers)[0] == 200
     still_serves(server, http_server)
 
 

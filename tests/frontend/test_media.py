@@ -107,6 +107,21 @@ def test_local_path_under_allowed_folder(media_dir: Path) -> None:
         assert load_image_bytes(source, allowed_local_media_path=media_dir) == load_image_bytes(PNG)
 
 
+def test_file_urls_are_decoded(media_dir: Path) -> None:
+    """A file URL's %-escapes are decoded (as `Path.as_uri()` writes them); its host, if any,
+    must be this machine; an escaped `..` is still resolved, then refused."""
+    spaced = media_dir / "my cat.png"
+    spaced.write_bytes(PNG)
+    for url in (spaced.as_uri(), f"file://localhost{spaced}".replace(" ", "%20")):
+        assert load_image_bytes(url, allowed_local_media_path=media_dir) == load_image_bytes(PNG)
+    with pytest.raises(MediaError, match="names a local path"):
+        load_image_bytes(f"file://otherhost{spaced}", allowed_local_media_path=media_dir)
+    with pytest.raises(MediaError, match="outside the allowed local media path"):
+        load_image_bytes(
+            f"file://{media_dir}/%2E%2E/secret.png", allowed_local_media_path=media_dir
+        )
+
+
 def test_local_path_refused_without_allowed_folder(media_dir: Path) -> None:
     path = media_dir / "sub" / "cat.png"
     for source in (path, str(path), f"file://{path}"):
