@@ -19,6 +19,7 @@ import time
 
 import torch
 from attention_kernels import copy_bandwidth  # bench/ is the script dir on sys.path
+from profiling import print_profile, profiled
 from workload import markdown_table
 
 from mm_runtime.gpu_worker.engine import EngineCore
@@ -39,8 +40,11 @@ def kv_bytes_per_token(engine: EngineCore) -> int:
     return engine.runner.kv_block_bytes() // engine.config.block_size
 
 
-def time_decode(engine: EngineCore, batch: int, context: int, steps: int, seed: int) -> float:
-    """Median ms of a decode step with `batch` requests at about `context` tokens."""
+def time_decode(
+    engine: EngineCore, batch: int, context: int, steps: int, seed: int, profile: bool = False
+) -> tuple[float, float | None]:
+    """Median ms of a decode step with `batch` requests at about `context` tokens, and of its
+    CUDA graph alone."""
     rng = random.Random(seed)
     vocab = engine.runner.model.config.get_text_config().vocab_size
     params = SamplingParams(max_tokens=steps + 8, temperature=0.0, ignore_eos=True)
@@ -53,15 +57,38 @@ def time_decode(engine: EngineCore, batch: int, context: int, steps: int, seed: 
     while any(r.num_computed_tokens < r.num_prompt_tokens for r in engine.requests.values()):
         engine.step()
     times = []
-    for _ in range(steps):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        engine.step()
-        torch.cuda.synchronize()
-        times.append(1000 * (time.perf_counter() - start))
+    with profiled(profile) as prof:
+        for _ in range(steps):
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            engine.step()
+            torch.cuda.synchronize()
+            times.append(1000 * (time.perf_counter() - start))
+    if prof is not None:
+        print(f"profile of {steps} decode steps at batch {batch}:")
+        print_profile(prof, sum(times) / 1000)
+    graph_ms = _graph_replay_ms(engine, batch, steps)  # before the aborts: the same KV state
     for req_id in list(engine.requests):
         engine.abort_request(req_id)
-    return statistics.median(times[2:])
+    return statistics.median(times[2:]), graph_ms
+
+
+def _graph_replay_ms(engine: EngineCore, batch: int, iters: int) -> float | None:
+    """Median ms of the decode graph alone (the GPU's part of the step), replayed on the last
+    step's inputs; None in eager mode. The step minus this is host work the GPU waits for."""
+    graphs = engine.runner.graphs
+    if graphs is None:
+        return None
+    size = graphs.padded_size(batch)
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graphs.replay(size)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
 
 
 def main() -> None:
@@ -73,6 +100,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument("--json", default=None)
+    parser.add_argument(
+        "--profile", action="store_true", help="torch.profiler summary of the largest batch"
+    )
     args = parser.parse_args()
     config = GpuWorkerConfig(
         model=args.model,
@@ -88,22 +118,42 @@ def main() -> None:
     weights = weight_bytes(engine)
     rows = []
     for batch in args.batch_sizes:
-        ms = time_decode(engine, batch, args.context, args.steps, seed=batch)
+        profile = args.profile and batch == max(args.batch_sizes)
+        ms, graph_ms = time_decode(engine, batch, args.context, args.steps, batch, profile)
         kv = batch * (args.context + args.steps // 2) * kv_bytes_per_token(engine)
         floor_ms = (weights + kv) / copy_gbs / 1e6
-        rows.append({"batch": batch, "ms": ms, "floor_ms": floor_ms, "weights": weights, "kv": kv})
+        rows.append(
+            {
+                "batch": batch,
+                "ms": ms,
+                "graph_ms": graph_ms,
+                "floor_ms": floor_ms,
+                "weights": weights,
+                "kv": kv,
+            }
+        )
     print(
         f"device: {torch.cuda.get_device_name()}; copy {copy_gbs:.0f} GB/s; model {args.model}; "
         f"LM weights {weights / 1e9:.2f} GB; context {args.context}; "
         f"{'eager' if args.enforce_eager else 'CUDA graphs'}"
     )
-    header = ["batch", "step", "floor (weights + KV) / copy BW", "ratio", "tokens/s"]
+    header = [
+        "batch",
+        "step",
+        "of which the graph",
+        "floor (weights + KV) / copy BW",
+        "ratio",
+        "graph / floor",
+        "tokens/s",
+    ]
     table = [
         [
             str(r["batch"]),
             f"{r['ms']:.2f} ms",
+            "-" if r["graph_ms"] is None else f"{r['graph_ms']:.2f} ms",
             f"{r['floor_ms']:.2f} ms ({r['weights'] / 1e9:.2f} + {r['kv'] / 1e9:.2f} GB)",
             f"{r['ms'] / r['floor_ms']:.2f}x",
+            "-" if r["graph_ms"] is None else f"{r['graph_ms'] / r['floor_ms']:.2f}x",
             f"{1000 * r['batch'] / r['ms']:.0f}",
         ]
         for r in rows

@@ -9,6 +9,7 @@ the oracle of tests/gpu_worker/test_kernels.py.
 """
 
 import ctypes
+import functools
 import hashlib
 import logging
 import os
@@ -230,6 +231,45 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch
         KERNELS.launch(name, (num_tokens, 1, 1), (_threads(num_heads * half), 1, 1), args)
 
 
+def quick_gelu_(x: torch.Tensor) -> torch.Tensor:
+    """x * sigmoid(1.702 x) in place (the Qwen2-VL ViT's MLP activation); returns x."""
+    assert x.is_cuda and x.is_contiguous() and x.data_ptr() % 16 == 0
+    n = x.numel()
+    if n:
+        threads = 256
+        vectors = -(-n // (16 // x.element_size()))
+        blocks = min(-(-vectors // threads), _num_sms(x.device) * 16)  # grid-stride past that
+        args = [(x, _PTR), (n, ctypes.c_long)]
+        KERNELS.launch(f"quick_gelu_{DTYPE_SUFFIX[x.dtype]}", (blocks, 1, 1), (threads, 1, 1), args)
+    return x
+
+
+def apply_rotary_vision(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """The Qwen2-VL ViT's rotary in place on q and k of the fused QKV output [T, 3, H, D], with
+    float32 cos/sin [T, D/2] (computed and rounded once as transformers does)."""
+    num_tokens, three, num_heads, head_dim = qkv.shape
+    assert three == 3 and qkv.is_contiguous() and cos.dtype == sin.dtype == torch.float32
+    assert cos.shape == sin.shape == (num_tokens, head_dim // 2)
+    assert cos.is_contiguous() and sin.is_contiguous()
+    total = num_tokens * num_heads * head_dim  # one thread per rotated pair of q and of k
+    if total:
+        args = [
+            (qkv, _PTR),
+            (cos, _PTR),
+            (sin, _PTR),
+            (num_tokens, ctypes.c_long),
+            (num_heads, ctypes.c_int),
+            (head_dim, ctypes.c_int),
+        ]
+        name = f"rotary_vision_{DTYPE_SUFFIX[qkv.dtype]}"
+        KERNELS.launch(name, (-(-total // 256), 1, 1), (256, 1, 1), args)
+
+
+@functools.cache
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 # ---- paged attention (csrc/attention.cu) ----
 
 ATTN_ROWS = 64  # query rows per CTA; ATTN_ROWS in csrc/attention.cu
@@ -285,7 +325,7 @@ def attention_splits(num_tiles: int, num_kv_heads: int, device: torch.device) ->
     """How many CTAs share each tile's keys: enough for about two CTAs per SM when the batch
     alone gives fewer. Depends on shapes only (CUDA graphs replay it); a CTA whose slice of a
     short context is empty exits at once."""
-    num_sms = torch.cuda.get_device_properties(device).multi_processor_count
+    num_sms = _num_sms(device)
     ctas = num_tiles * num_kv_heads
     return 1 if ctas >= num_sms else min(MAX_SPLITS, -(-2 * num_sms // ctas))
 

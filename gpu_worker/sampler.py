@@ -55,12 +55,19 @@ class SamplingBatch:
         assert len(params) == len(generators)
         greedy = [p.temperature < SAMPLING_EPS for p in params]
         nums = [p.logprobs for p in params if p.logprobs is not None]
+        pinned = device.type == "cuda"
+
+        def to_device(values: list, dtype: torch.dtype) -> torch.Tensor:
+            # From pinned memory without blocking: a pageable copy would wait for every kernel
+            # queued before it (the step's forward pass) before the CPU could go on.
+            return torch.tensor(values, dtype=dtype, pin_memory=pinned).to(
+                device, non_blocking=pinned
+            )
+
         return cls(
-            temperature=torch.tensor(
-                [p.temperature for p in params], dtype=torch.float32, device=device
-            ),
-            top_p=torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device),
-            top_k=torch.tensor([p.top_k for p in params], dtype=torch.int64, device=device),
+            temperature=to_device([p.temperature for p in params], torch.float32),
+            top_p=to_device([p.top_p for p in params], torch.float32),
+            top_k=to_device([p.top_k for p in params], torch.int64),
             # Greedy rows never draw, so a seeded greedy request's generator is left untouched.
             generators=[None if g else gen for g, gen in zip(greedy, generators, strict=True)],
             all_greedy=all(greedy),

@@ -4,6 +4,7 @@ logprobs, chat with data URLs, result order."""
 import base64
 import io
 import math
+import threading
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ import torch
 from mm_testing import hf_greedy, mm_prompt, prompt_text, random_image
 
 from mm_runtime import LLM, SamplingParams
+from mm_runtime.shared.errors import MediaError
 
 
 @pytest.fixture(scope="module")
@@ -131,3 +133,41 @@ def test_dummy_weights_build_real_shapes(tiny_models: dict[str, Path]) -> None:
     assert len(out[0].outputs[0].token_ids) == 4
     embed = llm.engine.runner.model.language_model.embed_tokens.weight
     assert embed.abs().max() <= 1e-2 and not torch.all(embed == 0)
+
+
+def test_generation_overlaps_image_processing(llm: LLM, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The last prompt's images are processed only after the first request has finished: a
+    # loop that waited for all preprocessing before stepping the engine would time out here.
+    batch = prompts(3)  # the last one has two images
+    gated = batch[-1]["multi_modal_data"]["image"][0]
+    first_finished = threading.Event()
+    process, apply = llm._process_images, llm._apply
+
+    def gated_process(images: list) -> list:
+        if images and images[0] is gated:
+            assert first_finished.wait(timeout=60), "the engine waited for all images"
+        return process(images)
+
+    def tracking_apply(pending: object, out: object) -> bool:
+        finished = apply(pending, out)  # type: ignore[arg-type]
+        if finished:
+            first_finished.set()
+        return finished
+
+    monkeypatch.setattr(llm, "_process_images", gated_process)
+    monkeypatch.setattr(llm, "_apply", tracking_apply)
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    outputs = llm.generate(batch, params, use_tqdm=False)
+    assert [len(o.outputs[0].token_ids) for o in outputs] == [4] * 3
+    monkeypatch.undo()
+    alone = llm.generate(batch[-1], params, use_tqdm=False)[0]
+    assert outputs[-1].outputs[0].token_ids == alone.outputs[0].token_ids
+
+
+def test_a_bad_prompt_after_started_ones_leaves_the_engine_idle(llm: LLM) -> None:
+    batch = prompts(3) + [mm_prompt(prompt_text("qwen2_vl", "x", 1), ["/no/such/image.png"])]
+    with pytest.raises(MediaError):  # raised by the pool, after the first three started
+        llm.generate(batch, SamplingParams(max_tokens=50, ignore_eos=True), use_tqdm=False)
+    assert not llm.engine.has_unfinished_requests()
+    out = llm.generate(prompts(1), SamplingParams(max_tokens=3, ignore_eos=True), use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 3  # and it still serves

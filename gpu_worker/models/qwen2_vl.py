@@ -1,4 +1,5 @@
-"""Qwen2-VL: transformers' ViT (dynamic resolution, patch merger) and our Qwen2 decoder with M-RoPE.
+"""Qwen2-VL: our ViT (models/qwen2_vl_vision.py: dynamic resolution, patch merger) and our Qwen2
+decoder with M-RoPE.
 
 M-RoPE gives every prompt token three positions (temporal, height, width). Text tokens have three
 equal positions counting up; an image's tokens take a grid (t, h, w) offset by the position where
@@ -14,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from transformers import PretrainedConfig
-from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
 
 from mm_runtime.gpu_worker.layers.attention import AttentionBackend
 from mm_runtime.gpu_worker.models.base import MultimodalModel, item_tensor
+from mm_runtime.gpu_worker.models.qwen2_vl_vision import Qwen2VisionTransformer
 from mm_runtime.gpu_worker.request import Request
 from mm_runtime.gpu_worker.scheduler import ScheduledRequest
 from mm_runtime.shared.errors import InvalidRequest
@@ -58,7 +59,7 @@ class Qwen2VLModel(MultimodalModel):
 
     def __init__(self, config: PretrainedConfig, backend: AttentionBackend) -> None:
         super().__init__(config, backend)
-        self.visual = Qwen2VisionTransformerPretrainedModel._from_config(config.vision_config)
+        self.visual = Qwen2VisionTransformer(config.vision_config)
         self.spatial_merge_size: int = config.vision_config.spatial_merge_size
 
     def item_length(self, item: MMItem) -> int:
@@ -118,15 +119,10 @@ class Qwen2VLModel(MultimodalModel):
         if not items:
             return []
         param = next(self.visual.parameters())
-        pixels = torch.cat([it.tensors["pixel_values"] for it in items]).to(
-            param.device, param.dtype
-        )
-        grid_thw = torch.cat([it.tensors["image_grid_thw"] for it in items]).to(param.device)
-        out = self.visual(pixels, grid_thw=grid_thw)
-        # transformers >= 5.x returns a ModelOutput whose pooler_output is the merged features.
-        merged = out if isinstance(out, torch.Tensor) else out.pooler_output  # [tokens, hidden]
-        sizes = (grid_thw.prod(-1) // self.spatial_merge_size**2).tolist()
-        return list(merged.split(sizes))
+        pixels = torch.cat([it.tensors["pixel_values"] for it in items]).to(param.device)
+        grids = [tuple(int(x) for x in it.tensors["image_grid_thw"][0]) for it in items]
+        merged = self.visual(pixels, grids)  # [tokens, hidden]
+        return list(merged.split([t * h * w // self.spatial_merge_size**2 for t, h, w in grids]))
 
     def prepare_request(self, req: Request) -> None:
         chunks: list[torch.Tensor] = []  # each [3, n]

@@ -116,3 +116,38 @@ def test_rotary(
     rtol, atol = TOLERANCE[dtype]
     torch.testing.assert_close(q, expected_q, rtol=rtol, atol=atol)
     torch.testing.assert_close(k, expected_k, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_quick_gelu(shape: tuple[int, int], dtype: torch.dtype) -> None:
+    from transformers.activations import ACT2FN
+
+    from mm_runtime.gpu_worker import kernels
+
+    torch.manual_seed(4)
+    x = torch.randn(*shape, dtype=dtype, device="cuda") * 4
+    expected = ACT2FN["quick_gelu"](x.float()).to(dtype)  # the reference, rounded once
+    out = kernels.quick_gelu_(x.clone())
+    rtol, atol = TOLERANCE[dtype]
+    torch.testing.assert_close(out, expected, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_heads,head_dim", [(16, 80), (4, 16), (12, 128)])
+def test_rotary_vision(dtype: torch.dtype, num_heads: int, head_dim: int) -> None:
+    from mm_runtime.gpu_worker import kernels
+    from mm_runtime.gpu_worker.models.qwen2_vl_vision import rotate_vision
+
+    torch.manual_seed(5)
+    num_patches = 1031
+    qkv = torch.randn(num_patches, 3, num_heads, head_dim, dtype=dtype, device="cuda")
+    angles = torch.rand(num_patches, head_dim // 2, device="cuda") * 100
+    cos, sin = angles.cos(), angles.sin()
+    expected_q, expected_k = rotate_vision(qkv[:, 0], qkv[:, 1], cos, sin)
+    v = qkv[:, 2].clone()
+    kernels.apply_rotary_vision(qkv, cos, sin)
+    rtol, atol = TOLERANCE[dtype]
+    torch.testing.assert_close(qkv[:, 0], expected_q, rtol=rtol, atol=atol)
+    torch.testing.assert_close(qkv[:, 1], expected_k, rtol=rtol, atol=atol)
+    assert torch.equal(qkv[:, 2], v)  # v untouched

@@ -41,16 +41,17 @@ def test_bfloat16_build_keeps_float32_buffers(tiny_models: dict[str, Path], arch
     # Ours: a plain attribute, computed in float32 whatever the default dtype.
     assert model.language_model.rotary.inv_freq.dtype == torch.float32
     assert torch.equal(model.language_model.rotary.inv_freq, ref.language_model.rotary.inv_freq)
-    # transformers' vision modules compute buffers at init (Qwen2-VL ViT rotary inv_freq, CLIP
-    # position_ids): not rounded to bfloat16.
+    if arch == "qwen2_vl":  # our ViT's rotary frequencies too
+        assert model.visual.inv_freq.dtype == torch.float32
+        assert torch.equal(model.visual.inv_freq, ref.visual.inv_freq)
+    # transformers' vision modules compute buffers at init (CLIP's position_ids): not rounded
+    # to bfloat16.
     ref_buffers = dict(ref.named_buffers())
     buffers = dict(model.named_buffers())
-    assert buffers.keys() == ref_buffers.keys() and buffers
+    assert buffers.keys() == ref_buffers.keys()
     for name, buffer in buffers.items():
         assert buffer.dtype == ref_buffers[name].dtype, name
         assert torch.equal(buffer, ref_buffers[name]), name
-    if arch == "qwen2_vl":
-        assert any(b.dtype == torch.float32 for b in buffers.values())
 
 
 def test_dummy_weights_are_seeded_and_small(tiny_models: dict[str, Path]) -> None:
@@ -102,7 +103,7 @@ def test_real_size_dummy_model_on_gpu(tmp_path: Path, name: str) -> None:
     assert all(p.is_cuda and p.dtype == torch.bfloat16 for p in model.parameters())
     assert all(b.is_cuda for b in model.buffers())
     if name.startswith("qwen2_vl"):
-        assert model.visual.rotary_pos_emb.inv_freq.dtype == torch.float32
+        assert model.visual.inv_freq.dtype == torch.float32  # not rounded to the model's dtype
     arch = llm.engine.info.model_type
     prompt = mm_prompt(prompt_text(arch, "What is this?", 1), [random_image(448, 336)])
     params = SamplingParams(max_tokens=8, ignore_eos=True)
