@@ -312,15 +312,15 @@ class ModelRunner:
             items = self._stage_items([req.mm_items[i] for req, i in sched.encoder_inputs])
             # Built while the media copies are in flight.
             inputs = self._prepare_inputs(sched, kv) if sched.scheduled else None
-        with record_function("runner.encode"):
-            self._run_encoders(sched, items, encoder_cache)
-        if inputs is None:
-            return StepResult(None, num_encoded)
-        with record_function("runner.sampling_batch"):  # queued before the forward pass
+        with record_function("runner.sampling_batch"):  # before any GPU work: see from_params
             samplers = [s.req for s in sched.scheduled if s.samples]
             batch = SamplingBatch.from_params(
                 [r.sampling_params for r in samplers], [r.generator for r in samplers], self.device
             )
+        with record_function("runner.encode"):
+            self._run_encoders(sched, items, encoder_cache)
+        if inputs is None:
+            return StepResult(None, num_encoded)
         phase = "runner.decode_graph" if inputs.graph_size is not None else "runner.model"
         with record_function(phase):
             logits = self._run_model(inputs, encoder_cache)

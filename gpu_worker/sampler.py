@@ -55,14 +55,11 @@ class SamplingBatch:
         assert len(params) == len(generators)
         greedy = [p.temperature < SAMPLING_EPS for p in params]
         nums = [p.logprobs for p in params if p.logprobs is not None]
-        pinned = device.type == "cuda"
 
         def to_device(values: list, dtype: torch.dtype) -> torch.Tensor:
-            # From pinned memory without blocking: a pageable copy would wait for every kernel
-            # queued before it (the step's forward pass) before the CPU could go on.
-            return torch.tensor(values, dtype=dtype, pin_memory=pinned).to(
-                device, non_blocking=pinned
-            )
+            # A blocking copy waits for the work queued before it: the model runner builds the
+            # batch before it queues the forward pass, so that wait is short.
+            return torch.tensor(values, dtype=dtype, device=device)
 
         return cls(
             temperature=to_device([p.temperature for p in params], torch.float32),

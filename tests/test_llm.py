@@ -12,6 +12,7 @@ import torch
 from mm_testing import hf_greedy, mm_prompt, prompt_text, random_image
 
 from mm_runtime import LLM, SamplingParams
+from mm_runtime.llm import ADMIT_PER_STEP
 from mm_runtime.shared.errors import MediaError
 
 
@@ -136,29 +137,29 @@ def test_dummy_weights_build_real_shapes(tiny_models: dict[str, Path]) -> None:
 
 
 def test_generation_overlaps_image_processing(llm: LLM, monkeypatch: pytest.MonkeyPatch) -> None:
-    # The last prompt's images are processed only after the first request has finished: a
-    # loop that waited for all preprocessing before stepping the engine would time out here.
-    batch = prompts(3)  # the last one has two images
+    # Request ADMIT_PER_STEP joins before the second step; its image is processed only after
+    # the first step ran. A loop that waited for all preprocessing first would time out here.
+    text = prompt_text("qwen2_vl", "What is this?", 1)
+    batch = [mm_prompt(text, [random_image(48, 64, seed=i)]) for i in range(ADMIT_PER_STEP + 1)]
     gated = batch[-1]["multi_modal_data"]["image"][0]
-    first_finished = threading.Event()
-    process, apply = llm._process_images, llm._apply
+    first_step_done = threading.Event()
+    process, step = llm._process_images, llm.engine.step
 
     def gated_process(images: list) -> list:
         if images and images[0] is gated:
-            assert first_finished.wait(timeout=60), "the engine waited for all images"
+            assert first_step_done.wait(timeout=60), "the engine waited for all images"
         return process(images)
 
-    def tracking_apply(pending: object, out: object) -> bool:
-        finished = apply(pending, out)  # type: ignore[arg-type]
-        if finished:
-            first_finished.set()
-        return finished
+    def tracking_step() -> list:
+        outputs = step()
+        first_step_done.set()
+        return outputs
 
     monkeypatch.setattr(llm, "_process_images", gated_process)
-    monkeypatch.setattr(llm, "_apply", tracking_apply)
+    monkeypatch.setattr(llm.engine, "step", tracking_step)
     params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
     outputs = llm.generate(batch, params, use_tqdm=False)
-    assert [len(o.outputs[0].token_ids) for o in outputs] == [4] * 3
+    assert [len(o.outputs[0].token_ids) for o in outputs] == [4] * len(batch)
     monkeypatch.undo()
     alone = llm.generate(batch[-1], params, use_tqdm=False)[0]
     assert outputs[-1].outputs[0].token_ids == alone.outputs[0].token_ids
