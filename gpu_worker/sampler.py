@@ -57,8 +57,7 @@ class SamplingBatch:
         nums = [p.logprobs for p in params if p.logprobs is not None]
 
         def to_device(values: list, dtype: torch.dtype) -> torch.Tensor:
-            # A blocking copy waits for the work queued before it: the model runner builds the
-            # batch before it queues the forward pass, so that wait is short.
+            # Blocking: it waits for the queued forward pass, which sampling needs anyway.
             return torch.tensor(values, dtype=dtype, device=device)
 
         return cls(
