@@ -6,10 +6,9 @@ detokenization, the preprocess worker's image processing, and the GPU worker's e
 
 import itertools
 import os
-from collections import deque
 from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any
 
 from PIL import Image
@@ -60,27 +59,6 @@ class _Pending:
     output: RequestOutput
     detokenizer: IncrementalDetokenizer
     token_ids: list[int] = field(default_factory=list)
-
-
-# Requests `generate` hands the engine per step while the rest are still being preprocessed:
-# more than one step of chunked prefill takes (8192 tokens hold about eight VisionArena-like
-# images), so the engine never runs out of work waiting for the pool.
-ADMIT_PER_STEP = 16
-
-
-@dataclass(slots=True)
-class _Queued:
-    """A prompt whose images the pool is processing."""
-
-    text: str
-    images: Future[list[tuple[str, ProcessedImage]]]
-    params: SamplingParams
-    add_special_tokens: bool
-    req_id: str | None = None
-
-
-def _media_pool() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1))
 
 
 class LLM:
@@ -155,55 +133,33 @@ class LLM:
         """`build_request` for many prompts: their images are loaded and processed by a thread
         pool (PIL and the processor's torch ops release the GIL, so this scales with cores, as
         the server's preprocess workers do); tokenizing stays on this thread."""
-        with _media_pool() as pool:
-            queued = self._queue(pool, prompts, sampling_params, add_special_tokens, req_ids)
-            return [self._request(q) for q in queued]
-
-    def _queue(
-        self,
-        pool: ThreadPoolExecutor,
-        prompts: Sequence[Prompt],
-        sampling_params: Sequence[SamplingParams],
-        add_special_tokens: bool,
-        req_ids: Sequence[str | None] | None = None,
-    ) -> list[_Queued]:
-        """Checks every prompt's shape (raising before any work), then hands their images to
-        the pool."""
         split = [_split_prompt(p) for p in prompts]
+        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+            processed = list(pool.map(self._process_images, [images for _, images in split]))
+        requests = []
         ids = req_ids if req_ids is not None else [None] * len(prompts)
-        return [
-            _Queued(text, pool.submit(self._process_images, images), params, add_special_tokens, i)
-            for (text, images), params, i in zip(split, sampling_params, ids, strict=True)
-        ]
-
-    def _request(self, q: _Queued) -> EngineRequest:
-        """The engine request of a queued prompt, once its images are processed."""
-        items = q.images.result()
-        token_ids, ranges = self.prompts.tokenize(
-            q.text, [p.num_tokens for _, p in items], q.add_special_tokens
-        )
-        mm_items = [
-            MMItem(modality="image", mm_hash=mm_hash, placeholder=r, tensors=p.tensors)
-            for (mm_hash, p), r in zip(items, ranges, strict=True)
-        ]
-        return EngineRequest(
-            req_id=q.req_id if q.req_id is not None else str(next(self._req_ids)),
-            prompt_token_ids=token_ids,
-            sampling_params=q.params,
-            mm_items=mm_items,
-        )
+        for (text, _), items, params, req_id in zip(
+            split, processed, sampling_params, ids, strict=True
+        ):
+            token_ids, ranges = self.prompts.tokenize(
+                text, [p.num_tokens for _, p in items], add_special_tokens
+            )
+            mm_items = [
+                MMItem(modality="image", mm_hash=mm_hash, placeholder=r, tensors=p.tensors)
+                for (mm_hash, p), r in zip(items, ranges, strict=True)
+            ]
+            request = EngineRequest(
+                req_id=req_id if req_id is not None else str(next(self._req_ids)),
+                prompt_token_ids=token_ids,
+                sampling_params=params,
+                mm_items=mm_items,
+            )
+            requests.append(request)
+        return requests
 
     def _process_images(self, images: list[ImageRef]) -> list[tuple[str, ProcessedImage]]:
         loaded = [_load_image(image) for image in images]  # all, before any processing
-        processed = [(mm_hash, self.image_processor(image)) for image, mm_hash in loaded]
-        if self.engine.runner.device.type == "cuda":
-            # Pinned here, in the pool, so the engine's thread copies them to the GPU at once
-            # (pinning a 1920x1080 image's 50 MB of float32 patches there stalls the GPU).
-            processed = [
-                (h, replace(p, tensors={k: t.pin_memory() for k, t in p.tensors.items()}))
-                for h, p in processed
-            ]
-        return processed
+        return [(mm_hash, self.image_processor(image)) for image, mm_hash in loaded]
 
     # ---- public API ----
 
@@ -213,13 +169,13 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
     ) -> list[RequestOutput]:
-        """One output per prompt, in the order given. Bad input raises, and the requests
-        already started are aborted first, so the engine is left idle."""
+        """One output per prompt, in the order given. Bad input raises before any work starts."""
         if isinstance(prompts, str | dict):
             prompts = [prompts]
         params = _params_per_prompt(sampling_params, len(prompts))
-        with _media_pool() as pool:
-            return self._run(self._queue(pool, prompts, params, True), use_tqdm)
+        requests = self.build_requests(prompts, params)
+        texts = [p if isinstance(p, str) else p.get("prompt", "") for p in prompts]
+        return self._run(requests, texts, use_tqdm)
 
     def chat(
         self,
@@ -236,49 +192,34 @@ class LLM:
             text, images = self.prompts.apply_chat_template(conversation, add_generation_prompt)
             prompts.append({"prompt": text, "multi_modal_data": {"image": images}})
         # The template already holds the special tokens (BOS); do not add them twice.
-        with _media_pool() as pool:
-            return self._run(self._queue(pool, prompts, params, False), use_tqdm)
+        requests = self.build_requests(prompts, params, add_special_tokens=False)
+        return self._run(requests, [p["prompt"] for p in prompts], use_tqdm)
 
     # ---- the loop ----
 
-    def _run(self, queued: list[_Queued], use_tqdm: bool) -> list[RequestOutput]:
-        """Steps the engine while the pool is still processing images: before step k, requests
-        [0, (k + 1) * ADMIT_PER_STEP) have joined, each waiting for its images only if they are
-        not ready yet. Preprocessing overlaps the GPU's work instead of preceding it, and the
-        batches (so the outputs) do not depend on how fast the pool's threads happen to be."""
+    def _run(
+        self, requests: list[EngineRequest], texts: list[str], use_tqdm: bool
+    ) -> list[RequestOutput]:
         pending: dict[str, _Pending] = {}
-        results: list[RequestOutput] = []
-        waiting = deque(queued)
-        num_running = 0  # of ours, started and not finished
-        try:
-            with tqdm(total=len(queued), desc="Processed prompts", disable=not use_tqdm) as bar:
-                for step in itertools.count():
-                    if not waiting and not num_running:
-                        break
-                    while waiting and len(results) < (step + 1) * ADMIT_PER_STEP:
-                        results.append(self._start(waiting.popleft(), pending))
-                        num_running += 1
-                    for out in self.engine.step():
-                        if self._apply(pending[out.req_id], out):
-                            num_running -= 1
-                            bar.update(1)
-        except BaseException:
-            for req_id in pending:
-                self.engine.abort_request(req_id)  # a no-op for finished ones
-            for q in waiting:
-                q.images.cancel()
-            raise
+        for request, text in zip(requests, texts, strict=True):
+            try:
+                self.engine.add_request(request)
+            except Exception:
+                for req_id in pending:
+                    self.engine.abort_request(req_id)
+                raise
+            detok = IncrementalDetokenizer(
+                self.prompts.tokenizer, request.prompt_token_ids, request.sampling_params.stop
+            )
+            output = RequestOutput(request.req_id, text, request.prompt_token_ids, [])
+            pending[request.req_id] = _Pending(output, detok)
+        results = [pending[r.req_id].output for r in requests]
+        with tqdm(total=len(requests), desc="Processed prompts", disable=not use_tqdm) as bar:
+            while self.engine.has_unfinished_requests():
+                for out in self.engine.step():
+                    if self._apply(pending[out.req_id], out):
+                        bar.update(1)
         return results
-
-    def _start(self, q: _Queued, pending: dict[str, _Pending]) -> RequestOutput:
-        request = self._request(q)
-        self.engine.add_request(request)
-        detok = IncrementalDetokenizer(
-            self.prompts.tokenizer, request.prompt_token_ids, request.sampling_params.stop
-        )
-        output = RequestOutput(request.req_id, q.text, request.prompt_token_ids, [])
-        pending[request.req_id] = _Pending(output, detok)
-        return output
 
     def _apply(self, p: _Pending, out: EngineOutput) -> bool:
         """Applies one step's output to a request; True when the request just finished."""

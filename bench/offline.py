@@ -79,8 +79,8 @@ def run_ours(args: argparse.Namespace, workload: list[tuple]) -> dict:
     params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for _, _, n in workload]
     steps_before = engine.num_steps
     start = time.perf_counter()
-    # The product path: images processed by a thread pool while the engine already runs the
-    # requests whose images are ready.
+    # The product path, `LLM.chat`: the chat template, images processed by a thread pool, then
+    # the engine runs them all (the time includes the processing).
     with profiled(args.profile) as prof:
         outputs = llm.chat(conversations, params, use_tqdm=False)
         if engine.runner.device.type == "cuda":
