@@ -1,8 +1,8 @@
 """What the model runner needs from a multimodal model: encode items, embed, positions, logits.
 
-Each architecture is a subclass: its encoder (reusing transformers' vision modules, which run
-once per item, not per token), our own `Decoder`, and the map from Hugging Face checkpoint names
-to ours (both the hub layout and transformers 5's `save_pretrained` layout).
+Each architecture is a subclass: its encoder (our Qwen2-VL ViT; transformers' CLIP tower for
+LLaVA, run once per item, not per token), our own `Decoder`, and the map from Hugging Face
+checkpoint names to ours (both the hub layout and transformers 5's `save_pretrained` layout).
 """
 
 from abc import ABC, abstractmethod

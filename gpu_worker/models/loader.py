@@ -118,13 +118,13 @@ def build_model(
     """The model of `info` on `device` in `dtype`, its weights loaded (or dummy), in eval mode.
 
     Built under `torch.device(device)` and `dtype` as the default dtype, so parameters are born
-    where and as they will live. No `model.to(dtype)` afterwards: it would also round the float32
-    buffers transformers' vision modules compute at init (the Qwen2-VL ViT's rotary inv_freq).
+    where and as they will live. No `model.to(dtype)` afterwards: it would also round float32
+    state computed at init (CLIP's position ids, the rotary frequencies).
     """
     config = info.hf_config
     vision_config = getattr(config, "vision_config", None)
-    # The vision modules are transformers' own: make them use SDPA as from_pretrained would, and
-    # our dtype (`_from_config` builds under `config.dtype`, float32 in tiny models' configs).
+    # LLaVA's CLIP tower is transformers' own module: make it use SDPA as from_pretrained would,
+    # and our dtype (`_from_config` builds under `config.dtype`, float32 in tiny models' configs).
     for sub in (config, vision_config):
         if sub is not None and getattr(sub, "_attn_implementation", None) is None:
             sub._attn_implementation = "sdpa"

@@ -207,6 +207,47 @@ def test_errors_in_openai_shape(served: tuple) -> None:
     assert server.frontend.requests == {}
 
 
+BAD_CHATS = {  # content parts -> the error code of the 400
+    "input_audio": (
+        [{"type": "input_audio", "input_audio": {"data": "UklGRg==", "format": "wav"}}],
+        "unsupported_media",
+    ),
+    "audio_url": (
+        [{"type": "audio_url", "audio_url": {"url": "file:///a.wav"}}],
+        "unsupported_media",
+    ),
+    "too_many_images": (  # --limit-mm-per-prompt is image=4 by default
+        [{"type": "image_url", "image_url": {"url": data_url(i)}} for i in range(5)],
+        "too_many_media_items",
+    ),
+    "prompt_too_long": ([{"type": "text", "text": "many words " * 20_000}], "prompt_too_long"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CHATS))
+def test_bad_chats_are_400s_and_the_server_goes_on(served: tuple, case: str) -> None:
+    _, server, http = served
+    client = openai.OpenAI(base_url=f"{http.address}/v1", api_key="none", max_retries=0)
+    model = server.frontend.config.model_name
+    content, code = BAD_CHATS[case]
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError) as err:
+            client.chat.completions.create(
+                model=model,
+                messages=[{"role": "user", "content": content}],
+                max_tokens=2,
+                stream=stream,
+            )
+        error = err.value.response.json()["error"]
+        assert set(error) == {"message", "type", "param", "code"}
+        assert error["code"] == code and error["type"] == "invalid_request_error"
+    out = client.chat.completions.create(
+        model=model, messages=chat_messages(3, "Hi"), **GREEDY_HTTP
+    )
+    assert out.usage.completion_tokens == MAX_TOKENS
+    assert server.frontend.requests == {}
+
+
 def test_client_disconnect_aborts(served: tuple) -> None:
     _, server, http = served
     before = server.stats()["mm_runtime_requests_aborted_total"]
