@@ -115,6 +115,16 @@ class KVCacheManager:
         """
         hit_ids = new_computed_block_ids or []
         block_ids = self.req_to_block_ids.get(req.req_id, [])
+        if not hit_ids and block_ids:
+            # The common case, a running request whose blocks have room (15 of 16 decode steps):
+            # nothing to take from the free queue, only newly full blocks to register.
+            num_tokens = req.num_computed_tokens + num_new_tokens
+            if num_tokens <= len(block_ids) * self.block_size:
+                num_full = min(num_tokens, len(req.token_ids)) // self.block_size
+                cached = self.num_cached_blocks.get(req.req_id, 0)
+                if self.enable_prefix_caching and num_full > cached:
+                    self._cache_full_blocks(req, block_ids, num_tokens)
+                return []
         assert not hit_ids or self.enable_prefix_caching, "prefix hits with prefix caching off"
         assert not hit_ids or not (block_ids or req.num_computed_tokens), "hits only at admission"
         num_tokens = req.num_computed_tokens + len(hit_ids) * self.block_size + num_new_tokens

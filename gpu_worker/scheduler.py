@@ -26,15 +26,15 @@ class ScheduledRequest:
     req: Request
     start: int  # num_computed_tokens before this step
     num_new_tokens: int
+    end: int = field(init=False)  # start + num_new_tokens
+    # The step computes the request's last known token, so its logits give the next one. Set
+    # once here: the step reads it per request several times, and the tokens don't change
+    # until the step's output is applied.
+    samples: bool = field(init=False)
 
-    @property
-    def end(self) -> int:
-        return self.start + self.num_new_tokens
-
-    @property
-    def samples(self) -> bool:
-        """The step computes the request's last known token, so its logits give the next one."""
-        return self.end == self.req.num_tokens
+    def __post_init__(self) -> None:
+        self.end = self.start + self.num_new_tokens
+        self.samples = self.end == len(self.req.token_ids)
 
 
 @dataclass(slots=True)
