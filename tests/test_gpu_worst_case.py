@@ -26,10 +26,11 @@ CONFIG = Path(__file__).resolve().parents[1] / "bench" / "configs" / "qwen2_vl_2
 
 def smooth_image(side: int, seed: int) -> Image.Image:
     """A large image that compresses (a gradient): the request stays a few MB on the wire."""
-    ramp = np.linspace(0, 255, side, dtype=np.float32)
-    rgb = np.stack([ramp[None, :] + 0 * ramp[:, None], ramp[:, None] + 0 * ramp[None, :]], -1)
-    rgb = np.concatenate([rgb, np.full((side, side, 1), 40.0 * seed)], -1)
-    return Image.fromarray(rgb.astype(np.uint8))
+    ramp = np.linspace(0, 255, side).astype(np.uint8)
+    red = np.broadcast_to(ramp[None, :], (side, side))  # left to right
+    green = np.broadcast_to(ramp[:, None], (side, side))  # top to bottom
+    blue = np.full((side, side), 40 * seed, dtype=np.uint8)  # one tint per image
+    return Image.fromarray(np.stack([red, green, blue], axis=-1))
 
 
 def test_largest_request_beside_ordinary_ones(tmp_path: Path) -> None:
