@@ -16,9 +16,10 @@ from mm_testing import ARCHS, hf_greedy, mm_prompt, prompt_text, random_image
 
 from mm_runtime import LLM, SamplingParams
 from mm_runtime.gpu_worker.cuda_graphs import DecodeGraphs, capture_sizes
+from mm_runtime.gpu_worker.input_batch import StepInputs
 from mm_runtime.gpu_worker.kv_cache import KVCacheManager
 from mm_runtime.gpu_worker.layers.attention import TorchAttentionBackend
-from mm_runtime.gpu_worker.model_runner import ModelRunner, StepInputs
+from mm_runtime.gpu_worker.model_runner import ModelRunner
 from mm_runtime.gpu_worker.models.loader import build_model
 from mm_runtime.gpu_worker.models.qwen2_vl import image_processor_settings
 from mm_runtime.gpu_worker.request import Request
