@@ -62,7 +62,6 @@ class EngineCore:
         self.scheduler = Scheduler(config, self.kv, self.encoder_cache)
         self.eos_token_ids = eos_token_ids(self.info)
         self.requests: dict[str, Request] = {}  # req_id -> unfinished request
-        self.num_steps = 0  # steps that ran work (for benchmarks' mean step time)
         logger.info(
             "engine ready: %s on %s (%s), %d KV blocks of %d tokens, max_model_len %d",
             self.info.model_type,
@@ -163,7 +162,6 @@ class EngineCore:
         sched = self.scheduler.schedule()
         if not sched.scheduled and not sched.encoder_inputs:
             return []
-        self.num_steps += 1
         result = self.runner.execute(sched, self.kv, self.encoder_cache)
         return self._update(sched, result.sampled)
 

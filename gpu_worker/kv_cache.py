@@ -120,9 +120,7 @@ class KVCacheManager:
             # nothing to take from the free queue, only newly full blocks to register.
             num_tokens = req.num_computed_tokens + num_new_tokens
             if num_tokens <= len(block_ids) * self.block_size:
-                num_full = min(num_tokens, len(req.token_ids)) // self.block_size
-                cached = self.num_cached_blocks.get(req.req_id, 0)
-                if self.enable_prefix_caching and num_full > cached:
+                if self.enable_prefix_caching:
                     self._cache_full_blocks(req, block_ids, num_tokens)
                 return []
         assert not hit_ids or self.enable_prefix_caching, "prefix hits with prefix caching off"

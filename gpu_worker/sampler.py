@@ -55,15 +55,12 @@ class SamplingBatch:
         assert len(params) == len(generators)
         greedy = [p.temperature < SAMPLING_EPS for p in params]
         nums = [p.logprobs for p in params if p.logprobs is not None]
-
-        def to_device(values: list, dtype: torch.dtype) -> torch.Tensor:
-            # Blocking: it waits for the queued forward pass, which sampling needs anyway.
-            return torch.tensor(values, dtype=dtype, device=device)
-
         return cls(
-            temperature=to_device([p.temperature for p in params], torch.float32),
-            top_p=to_device([p.top_p for p in params], torch.float32),
-            top_k=to_device([p.top_k for p in params], torch.int64),
+            temperature=torch.tensor(
+                [p.temperature for p in params], dtype=torch.float32, device=device
+            ),
+            top_p=torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device),
+            top_k=torch.tensor([p.top_k for p in params], dtype=torch.int64, device=device),
             # Greedy rows never draw, so a seeded greedy request's generator is left untouched.
             generators=[None if g else gen for g, gen in zip(greedy, generators, strict=True)],
             all_greedy=all(greedy),
