@@ -149,3 +149,11 @@ class RunningServer:
         self.call(self.frontend.close())
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
+
+
+def assert_openai_error(body: dict, code: str) -> dict:
+    """`body` is OpenAI's error object with `code`; returns its `error` member."""
+    error = body["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["code"] == code
+    return error

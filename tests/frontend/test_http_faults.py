@@ -19,7 +19,7 @@ from pathlib import Path
 
 import openai
 import pytest
-from mm_testing import RunningServer, http_post
+from mm_testing import RunningServer, assert_openai_error, http_post
 
 from mm_runtime.frontend.http_api import HttpServer
 
@@ -58,9 +58,7 @@ def health(http_server: HttpServer) -> int:
 
 def assert_engine_dead(status: int, body: dict) -> None:
     assert status == 503, body
-    error = body["error"]
-    assert set(error) == {"message", "type", "param", "code"}
-    assert error["code"] == "engine_dead" and error["type"] == "server_error"
+    assert assert_openai_error(body, "engine_dead")["type"] == "server_error"
 
 
 def test_killed_gpu_worker_gives_503(served: tuple) -> None:

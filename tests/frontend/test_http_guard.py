@@ -13,7 +13,7 @@ from pathlib import Path
 
 import openai
 import pytest
-from mm_testing import RunningServer, free_port, http_post, random_image
+from mm_testing import RunningServer, assert_openai_error, free_port, http_post, random_image
 
 from mm_runtime.frontend.http_api import HttpServer
 from mm_runtime.frontend.sdk import media_bytes
@@ -46,13 +46,6 @@ def guarded(tiny_models: dict[str, Path]):  # noqa: ANN201
 
 def client_for(http_server: HttpServer, api_key: str = API_KEY) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{http_server.address}/v1", api_key=api_key, max_retries=0)
-
-
-def assert_openai_error(body: dict, code: str) -> dict:
-    error = body["error"]
-    assert set(error) == {"message", "type", "param", "code"}
-    assert error["code"] == code
-    return error
 
 
 def still_serves(server: RunningServer, http_server: HttpServer) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import openai
 import pytest
-from mm_testing import random_image
+from mm_testing import assert_openai_error, random_image
 
 from mm_runtime.frontend.sdk import media_bytes
 
@@ -86,9 +86,8 @@ def test_paths_outside_are_refused(served: tuple, media_dir: Path, url: str, mat
     for stream in (False, True):
         with pytest.raises(openai.BadRequestError) as err:
             ask(client, model, url, stream)
-        error = err.value.response.json()["error"]
-        assert set(error) == {"message", "type", "param", "code"}
-        assert error["code"] == "invalid_media" and match in error["message"], error
+        error = assert_openai_error(err.value.response.json(), "invalid_media")
+        assert match in error["message"], error
 
 
 def test_other_hosts_refused_then_serves_on(served: tuple, media_dir: Path) -> None:
