@@ -1,8 +1,10 @@
 """Decode step time against the memory floor, on one GPU with a real-size (dummy-weight) model.
 
-For each batch size B: B text requests of --context prompt tokens are prefilled, then the
-engine's decode steps are timed (scheduler, input preparation, the model (a CUDA graph unless
---enforce-eager), sampling and output bookkeeping: the whole `EngineCore.step`, synchronized).
+For each batch size B: B text requests of --context prompt tokens are prefilled, then --steps
+consecutive decode steps are timed as the engine runs them (scheduler, input preparation, the
+model (a CUDA graph unless --enforce-eager), sampling and output bookkeeping: the whole
+`EngineCore.step`, with the host's work for one step overlapping the GPU's for the step before,
+as in serving); the step time is their total over their number.
 The floor of one step is the bytes it must read, over the measured copy bandwidth: the language
 model's weights (every layer, the final norm and the LM head; the embedding reads only B rows)
 plus the K/V of every request's context.
@@ -43,11 +45,11 @@ def kv_bytes_per_token(engine: EngineCore) -> int:
 def time_decode(
     engine: EngineCore, batch: int, context: int, steps: int, seed: int, profile: bool = False
 ) -> tuple[float, float | None]:
-    """Median ms of a decode step with `batch` requests at about `context` tokens, and of its
-    CUDA graph alone."""
+    """Mean ms of a decode step with `batch` requests at about `context` tokens over `steps`
+    consecutive steps, and the median ms of its CUDA graph alone."""
     rng = random.Random(seed)
     vocab = engine.runner.model.config.get_text_config().vocab_size
-    params = SamplingParams(max_tokens=steps + 8, temperature=0.0, ignore_eos=True)
+    params = SamplingParams(max_tokens=steps + 16, temperature=0.0, ignore_eos=True)
     for i in range(batch):
         ids = [rng.randrange(vocab) for _ in range(context)]
         engine.add_request(
@@ -56,21 +58,24 @@ def time_decode(
     # Prefill until every request decodes (its prompt is in the cache).
     while any(r.num_computed_tokens < r.num_prompt_tokens for r in engine.requests.values()):
         engine.step()
-    times = []
+    for _ in range(3):  # warm-up: the first decode steps, and one step queued ahead
+        engine.step()
+    torch.cuda.synchronize()
     with profiled(profile) as prof:
+        start = time.perf_counter()
         for _ in range(steps):
-            torch.cuda.synchronize()
-            start = time.perf_counter()
             engine.step()
-            torch.cuda.synchronize()
-            times.append(1000 * (time.perf_counter() - start))
+        torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
     if prof is not None:
         print(f"profile of {steps} decode steps at batch {batch}:")
-        print_profile(prof, sum(times) / 1000)
+        print_profile(prof, seconds)
     graph_ms = _graph_replay_ms(engine, batch, steps)  # before the aborts: the same KV state
     for req_id in list(engine.requests):
         engine.abort_request(req_id)
-    return statistics.median(times[2:]), graph_ms
+    while engine.has_unfinished_requests():
+        engine.step()  # applies (drops) the step in flight
+    return 1000 * seconds / steps, graph_ms
 
 
 def _graph_replay_ms(engine: EngineCore, batch: int, iters: int) -> float | None:

@@ -13,9 +13,9 @@ from transformers import GenerationConfig
 
 from mm_runtime.gpu_worker.encoder_cache import EncoderCache
 from mm_runtime.gpu_worker.kv_cache import KVCacheManager
-from mm_runtime.gpu_worker.model_runner import ModelRunner
+from mm_runtime.gpu_worker.model_runner import ModelRunner, StepResult
 from mm_runtime.gpu_worker.request import FINISH_REASONS, Request, RequestStatus
-from mm_runtime.gpu_worker.sampler import SamplerOutput, make_generator
+from mm_runtime.gpu_worker.sampler import make_generator
 from mm_runtime.gpu_worker.scheduler import Scheduler, SchedulerOutput
 from mm_runtime.shared.config import GpuWorkerConfig
 from mm_runtime.shared.errors import InvalidRequest
@@ -62,6 +62,8 @@ class EngineCore:
         self.scheduler = Scheduler(config, self.kv, self.encoder_cache)
         self.eos_token_ids = eos_token_ids(self.info)
         self.requests: dict[str, Request] = {}  # req_id -> unfinished request
+        # The step queued on the device whose outputs the next `step` call applies.
+        self._in_flight: tuple[SchedulerOutput, StepResult] | None = None
         logger.info(
             "engine ready: %s on %s (%s), %d KV blocks of %d tokens, max_model_len %d",
             self.info.model_type,
@@ -78,11 +80,13 @@ class EngineCore:
         """Validates and queues a request; raises `InvalidRequest` and changes nothing if bad."""
         self._validate(request)
         params = request.sampling_params
+        num_prompt = len(request.prompt_token_ids)
         req = Request(
             req_id=request.req_id,
             prompt_token_ids=list(request.prompt_token_ids),
             sampling_params=params,
             mm_items=list(request.mm_items),
+            max_num_tokens=min(num_prompt + params.max_tokens, self.max_model_len),
         )
         if params.seed is not None:
             req.generator = make_generator(params.seed, self.runner.device)
@@ -138,7 +142,8 @@ class EngineCore:
             self.scheduler.finish(req, status)
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self.requests)
+        """Requests not finished, or a step in flight whose outputs are still to be applied."""
+        return bool(self.requests) or self._in_flight is not None
 
     def stats(self) -> dict[str, float]:
         """Counters and gauges, by the metric names of DESIGN.md section 6 where one exists."""
@@ -159,19 +164,31 @@ class EngineCore:
     # ---- one step ----
 
     def step(self) -> list[EngineOutput]:
+        """Plans and queues step N+1, then applies and returns step N's outputs (async
+        scheduling, as in vLLM V1): the host's work around a step (planning, inputs, outputs)
+        runs while the GPU computes the step before it, so the GPU does not wait between steps.
+        A request that stops on a token is found one step late; its token from the extra step
+        is dropped. A length limit is known ahead, so it costs no extra step.
+        """
         sched = self.scheduler.schedule()
-        if not sched.scheduled and not sched.encoder_inputs:
-            return []
-        result = self.runner.execute(sched, self.kv, self.encoder_cache)
-        return self._update(sched, result.sampled)
+        queued = None
+        if sched.scheduled or sched.encoder_inputs:
+            queued = (sched, self.runner.execute(sched, self.kv, self.encoder_cache))
+        previous, self._in_flight = self._in_flight, queued
+        return self._update(*previous) if previous is not None else []
 
-    def _update(self, sched: SchedulerOutput, sampled: SamplerOutput | None) -> list[EngineOutput]:
-        sampling = [s.req for s in sched.scheduled if s.samples]
+    def _update(self, sched: SchedulerOutput, result: StepResult) -> list[EngineOutput]:
+        """Applies a step's sampled tokens: outputs, stop checks, finished requests freed."""
+        sampled = result.wait()
         outputs: list[EngineOutput] = []
         if sampled is not None:
+            sampling = [s.req for s in sched.scheduled if s.samples]
             token_ids = sampled.token_ids.tolist()
             logprobs = sampled.to_token_logprobs([r.sampling_params.logprobs for r in sampling])
             for req, token, lp in zip(sampling, token_ids, logprobs, strict=True):
+                req.num_pending_tokens -= 1
+                if req.status.finished:
+                    continue  # stopped (or aborted) while this step ran: the token is dropped
                 req.token_ids.append(token)
                 status = self._stop_status(req, token)
                 if status is not None:
@@ -195,6 +212,6 @@ class EngineCore:
             return RequestStatus.FINISHED_STOPPED
         if token in params.stop_token_ids:
             return RequestStatus.FINISHED_STOPPED
-        if req.num_output_tokens >= params.max_tokens or req.num_tokens >= self.max_model_len:
+        if req.num_tokens >= req.max_num_tokens:  # max_tokens or the model's maximum length
             return RequestStatus.FINISHED_LENGTH
         return None

@@ -79,6 +79,10 @@ class InputBuffers:
         self.seq_lens = _Buffer.zeros((max_num_reqs,), device)
         self.block_tables = _Buffer.zeros((max_num_reqs, max_blocks_per_req), device)
         self.logits_indices = _Buffer.zeros((max_num_reqs,), device)
+        # Async scheduling: batch rows whose input id is a token the previous step sampled, and
+        # that token's row in the previous step's sampled ids.
+        self.pending_rows = _Buffer.zeros((max_num_reqs,), device)
+        self.pending_sources = _Buffer.zeros((max_num_reqs,), device)
         # Host buffers are rewritten only once the last step's copies out of them are done.
         self._copied = torch.cuda.Event() if device.type == "cuda" else None
 
@@ -132,6 +136,17 @@ class InputBuffers:
             num_sampling=num_sampling,
             logits_indices=None if sample_first_rows else self.logits_indices.gpu[:num_sampling],
         )
+
+    def fill_pending_ids(self, num_pending: int, sampled: torch.Tensor) -> None:
+        """Writes the first `num_pending` pending input ids on the device, from the previous
+        step's sampled ids (queued after `send`'s copies, before the step reads them)."""
+        self.pending_rows.copy_to_device(num_pending)
+        self.pending_sources.copy_to_device(num_pending)
+        if self._copied is not None:
+            self._copied.record()  # these host fields are copied too
+        rows = self.pending_rows.gpu[:num_pending]
+        sources = self.pending_sources.gpu[:num_pending]
+        self.input_ids.gpu.index_copy_(0, rows, sampled.index_select(0, sources))
 
     def metadata(
         self, num_tokens: int, num_reqs: int, max_query_len: int, max_seq_len: int

@@ -35,6 +35,7 @@ from mm_runtime.gpu_worker.kv_cache import KVCacheManager
 from mm_runtime.gpu_worker.layers.attention import AttentionBackend, TorchAttentionBackend
 from mm_runtime.gpu_worker.models.decoder import head_dim_of
 from mm_runtime.gpu_worker.models.loader import build_model
+from mm_runtime.gpu_worker.request import Request
 from mm_runtime.gpu_worker.sampler import Sampler, SamplerOutput, SamplingBatch
 from mm_runtime.gpu_worker.scheduler import SchedulerOutput
 from mm_runtime.shared.config import GpuWorkerConfig
@@ -81,10 +82,19 @@ def attention_backend(device: torch.device, dtype: torch.dtype, head_dim: int) -
 
 @dataclass(slots=True)
 class StepResult:
-    """Sampled tokens of the requests whose `samples` flag was set, in scheduled order."""
+    """Sampled tokens of the requests whose `samples` flag was set, in scheduled order: host
+    copies, on CUDA still being written when `execute` returns (`wait` for them)."""
 
     sampled: SamplerOutput | None
     num_encoded_items: int
+    ready: torch.cuda.Event | None = None  # recorded after the copies to the host
+
+    def wait(self) -> SamplerOutput | None:
+        """The sampled tokens, once the step that samples them is done (waits for it only, not
+        for steps queued after it)."""
+        if self.ready is not None:
+            self.ready.synchronize()
+        return self.sampled
 
 
 class ModelRunner:
@@ -120,6 +130,10 @@ class ModelRunner:
         on_cuda = self.device.type == "cuda"
         self._copy_stream = torch.cuda.Stream(self.device) if on_cuda else None
         self._copy_done = torch.cuda.Event() if on_cuda else None
+        # The last step's sampled token ids (on the device) and each sampling request's row:
+        # the next step's pending tokens (async scheduling) are read from here.
+        self._last_sampled: torch.Tensor | None = None
+        self._last_sample_rows: dict[Request, int] = {}
         self.graphs: DecodeGraphs | None = None
         if on_cuda and not config.enforce_eager:
             if isinstance(backend, TorchAttentionBackend):
@@ -179,6 +193,8 @@ class ModelRunner:
             items = self._stage_items([req.mm_items[i] for req, i in sched.encoder_inputs])
             # Built while the media copies are in flight.
             inputs = self._prepare_inputs(sched, kv) if sched.scheduled else None
+            # Pending tokens are always the previous step's: only the next step may read them.
+            self._last_sampled, self._last_sample_rows = None, {}
         with record_function("runner.encode"):
             self._run_encoders(sched, items, encoder_cache)
         if inputs is None:
@@ -195,11 +211,21 @@ class ModelRunner:
             batch = SamplingBatch.from_params(
                 [r.sampling_params for r in samplers], [r.generator for r in samplers], self.device
             )
-            return StepResult(self.sampler(logits, batch), num_encoded)
+            sampled = self.sampler(logits, batch)
+            # The next step, planned before these tokens reach the host, reads them from here.
+            self._last_sampled = sampled.token_ids
+            self._last_sample_rows = {req: row for row, req in enumerate(samplers)}
+            result = StepResult(sampled.to_host(), num_encoded)
+            if self.device.type == "cuda":
+                result.ready = torch.cuda.Event()
+                result.ready.record()
+            return result
 
     def _stage_items(self, items: list[MMItem]) -> list[MMItem]:
-        """The items with their tensors on the device, sent from pinned memory on the copy
-        stream; the encoder waits for them (`_encode`), the CPU does not."""
+        """The items with their floating-point tensors (pixels) on the device, sent from pinned
+        memory on the copy stream; the encoder waits for them (`_encode`), the CPU does not.
+        Integer tensors (grids, sizes) are metadata the host reads: on the device, reading one
+        would wait for every step queued before it."""
         if not items or self._copy_stream is None:
             return items
         # A destination may reuse memory that work queued on the main stream still reads.
@@ -208,6 +234,9 @@ class ModelRunner:
         for item in items:
             tensors = {}
             for key, tensor in (item.tensors or {}).items():
+                if not tensor.is_floating_point():
+                    tensors[key] = tensor
+                    continue
                 host = tensor if tensor.is_pinned() else tensor.pin_memory()
                 # Allocated on the main stream, which uses and frees it.
                 tensors[key] = torch.empty_like(host, device=self.device)
@@ -249,7 +278,7 @@ class ModelRunner:
         samples = np.fromiter((s.samples for s in scheduled), bool, num_reqs)
         cu_num_tokens = np.cumsum(num_new)  # [num_reqs]
         num_tokens = int(cu_num_tokens[-1])
-        mm_segments = self._write_requests(sched, cu_num_tokens, kv)
+        mm_segments, num_pending = self._write_requests(sched, cu_num_tokens, kv)
         graph_size = self._graph_size(num_tokens, num_reqs, bool(mm_segments))
 
         req_idx = np.repeat(self._arange[:num_reqs], num_new)  # [num_tokens]: each one's request
@@ -280,26 +309,40 @@ class ModelRunner:
             int(buf.seq_lens.array[:num_reqs].max()),
             sample_first_rows=len(sample_rows) == num_tokens,
         )
+        if num_pending:
+            assert self._last_sampled is not None, "pending tokens without a previous step"
+            buf.fill_pending_ids(num_pending, self._last_sampled)
         inputs.mm_segments, inputs.graph_size = mm_segments, graph_size
         return inputs
 
     def _write_requests(
         self, sched: SchedulerOutput, cu_num_tokens: np.ndarray, kv: KVCacheManager
-    ) -> list[tuple[str, str, int, int, int]]:
-        """Writes the per-request parts of the layout (block table rows, token ids); returns
-        the step's media slices."""
+    ) -> tuple[list[tuple[str, str, int, int, int]], int]:
+        """Writes the per-request parts of the layout (block table rows, known token ids, where
+        the pending ones go); returns the step's media slices and the number of pending ids."""
         buf = self.buffers
         mm_segments: list[tuple[str, str, int, int, int]] = []
+        num_pending = 0
         for i, s in enumerate(sched.scheduled):
             block_ids = kv.block_ids(s.req.req_id)
             buf.block_tables.array[i, : len(block_ids)] = block_ids
             if s.req.mm_items and s.start < s.req.num_prompt_tokens:
                 base = int(cu_num_tokens[i]) - s.num_new_tokens
                 mm_segments += _media_overlaps(s.req.req_id, s.req.mm_items, s.start, s.end, base)
-        ids = chain.from_iterable(s.req.token_ids[s.start : s.end] for s in sched.scheduled)
+            if s.end > s.req.num_tokens:  # its last input is the token the last step samples
+                buf.pending_rows.array[num_pending] = cu_num_tokens[i] - 1
+                buf.pending_sources.array[num_pending] = self._last_sample_rows[s.req]
+                num_pending += 1
         num_tokens = int(cu_num_tokens[-1])
-        buf.input_ids.array[:num_tokens] = np.fromiter(ids, np.int64, num_tokens)
-        return mm_segments
+        ids = buf.input_ids.array[:num_tokens]
+        known = chain.from_iterable(s.req.token_ids[s.start : s.end] for s in sched.scheduled)
+        if num_pending == 0:
+            ids[:] = np.fromiter(known, np.int64, num_tokens)
+        elif num_pending < num_tokens:  # else a decode step with every input pending
+            is_known = np.ones(num_tokens, dtype=bool)
+            is_known[buf.pending_rows.array[:num_pending]] = False
+            ids[is_known] = np.fromiter(known, np.int64, num_tokens - num_pending)
+        return mm_segments, num_pending
 
     def _graph_size(self, num_tokens: int, num_reqs: int, has_media: bool) -> int | None:
         """The captured size to replay: decode steps only (one token per request, no media)."""

@@ -43,6 +43,12 @@ class Request:
     # prompt + output tokens; outputs are appended as they are sampled
     token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0  # tokens whose KV is in the cache (or being written this step)
+    # The request's length limit: prompt + max_tokens, capped at the model's maximum length.
+    max_num_tokens: int = 0
+    # Async scheduling: tokens the step in flight samples (0 or 1), not yet in `token_ids`. The
+    # scheduler plans the next step as if they were there; the runner takes their ids from the
+    # previous step's sampled tokens on the device.
+    num_pending_tokens: int = 0
     status: RequestStatus = RequestStatus.WAITING
     # Prefix-cache keys of this request's full blocks, filled lazily by the KV cache manager.
     block_hashes: list[bytes] = field(default_factory=list)
@@ -55,6 +61,8 @@ class Request:
     def __post_init__(self) -> None:
         if not self.token_ids:
             self.token_ids = list(self.prompt_token_ids)
+        if not self.max_num_tokens:
+            self.max_num_tokens = self.num_prompt_tokens + self.sampling_params.max_tokens
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -63,6 +71,16 @@ class Request:
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
+
+    @property
+    def num_planned_tokens(self) -> int:
+        """Tokens known or being sampled: what the scheduler may compute up to."""
+        return len(self.token_ids) + self.num_pending_tokens
+
+    @property
+    def all_tokens_planned(self) -> bool:
+        """Every output token the request may have is sampled or being sampled."""
+        return self.num_planned_tokens >= self.max_num_tokens
 
     @property
     def num_output_tokens(self) -> int:

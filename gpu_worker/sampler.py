@@ -55,12 +55,17 @@ class SamplingBatch:
         assert len(params) == len(generators)
         greedy = [p.temperature < SAMPLING_EPS for p in params]
         nums = [p.logprobs for p in params if p.logprobs is not None]
+        floats = torch.tensor([[p.temperature for p in params], [p.top_p for p in params]])
+        top_k = torch.tensor([p.top_k for p in params], dtype=torch.int64)
+        if device.type == "cuda":
+            # From pinned memory the copies are queued; from pageable memory each would wait
+            # for every kernel queued before it (the step's forward, under async scheduling).
+            floats = floats.pin_memory().to(device, non_blocking=True)
+            top_k = top_k.pin_memory().to(device, non_blocking=True)
         return cls(
-            temperature=torch.tensor(
-                [p.temperature for p in params], dtype=torch.float32, device=device
-            ),
-            top_p=torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device),
-            top_k=torch.tensor([p.top_k for p in params], dtype=torch.int64, device=device),
+            temperature=floats[0],
+            top_p=floats[1],
+            top_k=top_k,
             # Greedy rows never draw, so a seeded greedy request's generator is left untouched.
             generators=[None if g else gen for g, gen in zip(greedy, generators, strict=True)],
             all_greedy=all(greedy),
@@ -76,6 +81,22 @@ class SamplerOutput:
     # Column 0: the sampled token; columns 1..k: the top-k tokens by logprob, best first.
     logprobs: torch.Tensor | None  # [n, 1 + k] float32, k = max_num_logprobs
     logprob_token_ids: torch.Tensor | None  # [n, 1 + k] int64
+
+    def to_host(self) -> "SamplerOutput":
+        """The same tensors on the host. From CUDA: copies into pinned memory, queued behind the
+        step without waiting for it (the caller records an event and waits on that)."""
+        if self.token_ids.device.type == "cpu":
+            return self
+
+        def host(t: torch.Tensor | None) -> torch.Tensor | None:
+            if t is None:
+                return None
+            out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            return out.copy_(t, non_blocking=True)
+
+        token_ids = host(self.token_ids)
+        assert token_ids is not None
+        return SamplerOutput(token_ids, host(self.logprobs), host(self.logprob_token_ids))
 
     def to_token_logprobs(self, num_logprobs: list[int | None]) -> list[TokenLogprobs | None]:
         """Per-row wire structs, each row cut to the number of top logprobs it asked for."""

@@ -6,6 +6,11 @@ order; when KV blocks run out, the most recently admitted running request is pre
 blocks freed, recomputed later from scratch, with the tokens it already produced). Waiting
 requests are admitted in FCFS order while budget, blocks and `max_num_seqs` allow.
 
+Async scheduling (as vLLM V1's): the engine plans step N+1 while the GPU runs step N, before
+step N's tokens are known. A request sampled by step N has one pending token; it is planned as if
+it were there (`Request.num_planned_tokens`) and is not planned further once every token it may
+have is sampled or pending (`all_tokens_planned`), so a length-limited request wastes no step.
+
 A media item is encoded whole in the step where the first chunk overlapping its placeholder
 range is scheduled; if the encoder budget or the encoder cache cannot take it this step, the
 chunk stops right before the item. Encoder outputs stay in the encoder cache, referenced by the
@@ -34,7 +39,7 @@ class ScheduledRequest:
 
     def __post_init__(self) -> None:
         self.end = self.start + self.num_new_tokens
-        self.samples = self.end == len(self.req.token_ids)
+        self.samples = self.end == self.req.num_planned_tokens
 
 
 @dataclass(slots=True)
@@ -85,6 +90,8 @@ class Scheduler:
             self._schedule_waiting(out, budget)
         for s in out.scheduled:
             s.req.num_computed_tokens = s.end
+            if s.samples:
+                s.req.num_pending_tokens += 1  # until the engine applies this step's output
         return out
 
     def _schedule_running(self, out: SchedulerOutput, budget: _StepBudget) -> None:
@@ -92,8 +99,11 @@ class Scheduler:
         while i < len(self.running) and budget.tokens > 0:
             req = self.running[i]
             start = req.num_computed_tokens
+            if req.all_tokens_planned:
+                i += 1  # its last token is in flight: nothing left to compute
+                continue
             n = self._fit_encoder(
-                req, start, min(req.num_tokens - start, budget.tokens), budget, out
+                req, start, min(req.num_planned_tokens - start, budget.tokens), budget, out
             )
             if n == 0:
                 i += 1
@@ -115,7 +125,7 @@ class Scheduler:
         while self.waiting and budget.tokens > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
             hit_block_ids, num_hit_tokens = self.kv.get_computed_blocks(req)
-            n = min(req.num_tokens - num_hit_tokens, budget.tokens)
+            n = min(req.num_planned_tokens - num_hit_tokens, budget.tokens)
             n = self._fit_encoder(req, num_hit_tokens, n, budget, out)
             if n == 0 or self.kv.allocate_slots(req, n, hit_block_ids) is None:
                 self._unplan_encoder(req, out, budget)

@@ -78,6 +78,9 @@ def check_layout(
         table = kv.block_ids(req.req_id)
         assert inputs.meta.block_tables[i, : len(table)].tolist() == table
         ids += req.token_ids[s.start : s.end]
+        if s.end > req.num_tokens:  # pending: the token the previous step sampled for it
+            assert runner._last_sampled is not None
+            ids.append(int(runner._last_sampled[runner._last_sample_rows[req]]))
         positions.append(reference_positions(req, s.start, s.end, mrope))
         slots += [table[p // bs] * bs + p % bs for p in range(s.start, s.end)]
         for item in req.mm_items:
