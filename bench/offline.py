@@ -4,8 +4,10 @@
 Each request: one image of a random size (336x336 .. 1920x1080), a short question, 64-256 output
 tokens with ignore_eos. Prints requests/s, output tokens/s and mean engine step time for ours,
 the same for HF (`generate` over padded batches of --hf-batch-size; a batch runs to its longest
-request, only the requested tokens count), and the ratio. On CPU with the tiny demo model the
-numbers are a sanity check only; GPU figures come with the kernels issue.
+request, only the requested tokens count), and the ratio. On a GPU, also the workload's hardware
+floor (bench/floor.py: FLOPs of prefill at the measured matmul rate, bytes of decode at the
+measured copy bandwidth) and each engine's time over it. On CPU with the tiny demo model the
+numbers are a sanity check only.
 
     python bench/offline.py                       # tiny Qwen2-VL demo model on CPU
     python bench/offline.py --model DIR --num-requests 200 --hf-batch-size 64
@@ -16,14 +18,15 @@ import copy
 import gc
 import json
 import random
-import statistics
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from attention_kernels import copy_bandwidth  # bench/ is the script dir on sys.path
+from floor import matmul_tflops, workload_floor
 from PIL import Image
-from profiling import print_profile, profiled  # bench/ is the script dir on sys.path
+from profiling import print_profile, profiled
 from transformers import AutoModelForImageTextToText, AutoProcessor
 from workload import IMAGE_SIZES, QUESTIONS
 
@@ -65,7 +68,6 @@ def run_ours(args: argparse.Namespace, workload: list[tuple], prompts: list[str]
         enforce_eager=args.enforce_eager,
     )
     engine = llm.engine
-    step_times: list[float] = []
     start = time.perf_counter()
     mm_prompts = [
         {"prompt": prompt, "multi_modal_data": {"image": image}}
@@ -73,27 +75,30 @@ def run_ours(args: argparse.Namespace, workload: list[tuple], prompts: list[str]
     ]
     params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for _, _, n in workload]
     with profiled(args.profile) as prof:
-        for request in llm.build_requests(mm_prompts, params, add_special_tokens=False):
+        requests = llm.build_requests(mm_prompts, params, add_special_tokens=False)
+        for request in requests:
             engine.add_request(request)
         preprocess_s = time.perf_counter() - start  # the processor, on the CPU (a thread pool)
-        num_tokens = 0
+        num_tokens, num_steps = 0, 0
+        # Not synchronized per step: each call queues a step before applying the last one.
         while engine.has_unfinished_requests():
-            t0 = time.perf_counter()
             outputs = engine.step()
-            if engine.runner.device.type == "cuda":
-                torch.cuda.synchronize()
-            step_times.append(time.perf_counter() - t0)
+            num_steps += 1
             num_tokens += sum(len(o.new_token_ids) for o in outputs)
     elapsed = time.perf_counter() - start
     if prof is not None:
         print_profile(prof, elapsed)
+    floor = None
+    if engine.runner.device.type == "cuda":
+        floor = workload_floor(engine, requests, copy_bandwidth(), matmul_tflops())
     return {
+        "floor": floor,
         "seconds": elapsed,
         "requests_per_s": len(workload) / elapsed,
         "output_tokens_per_s": num_tokens / elapsed,
-        "mean_step_ms": 1000 * statistics.mean(step_times),
+        "mean_step_ms": 1000 * (elapsed - preprocess_s) / max(num_steps, 1),
         "preprocess_s": preprocess_s,
-        "num_steps": len(step_times),
+        "num_steps": num_steps,
         "device": str(engine.runner.device),
         "dtype": str(engine.runner.dtype),
     }
@@ -199,6 +204,19 @@ def main() -> None:
             f"  {hf['output_tokens_per_s']:10.1f} out tok/s  (batches of {hf['batch_size']})"
         )
         print(f"  speedup    : {results['speedup']:.2f}x")
+    floor = ours["floor"]
+    if floor is not None:
+        print(
+            f"  hardware floor: {floor['seconds']:.1f} s = prefill {floor['prefill_tflop']:.0f}"
+            f" TFLOP at {floor['matmul_tflops']:.0f} TFLOP/s ({floor['prefill_s']:.1f} s) + decode"
+            f" {floor['decode_gb']:.0f} GB at {floor['copy_gbs']:.0f} GB/s"
+            f" ({floor['decode_s']:.1f} s, batches of {floor['decode_batch']})"
+        )
+        others = [("mm-runtime", ours)] + (
+            [("HF generate", results["hf"])] if "hf" in results else []
+        )
+        for name, r in others:
+            print(f"  {name} / floor: {r['seconds'] / floor['seconds']:.2f}x")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 
