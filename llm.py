@@ -54,11 +54,15 @@ class RequestOutput:
 
 @dataclass(slots=True)
 class _Pending:
-    """An in-flight request: its output so far and the detokenizer applying stop strings."""
+    """An in-flight request: its output so far and, when it has stop strings, the detokenizer
+    that watches for them. Without stop strings the text is decoded once, when it finishes:
+    detokenizing every step costs about 6 us per request on the engine's thread (1.5 ms a step
+    at batch 256, measured on the dev CPU), one decode at the end 0.2 us per token."""
 
     output: RequestOutput
-    detokenizer: IncrementalDetokenizer
+    detokenizer: IncrementalDetokenizer | None
     token_ids: list[int] = field(default_factory=list)
+    logprobs: list[dict[int, float]] | None = None  # per token, when the request asks for them
 
 
 class LLM:
@@ -208,8 +212,11 @@ class LLM:
                 for req_id in pending:
                     self.engine.abort_request(req_id)
                 raise
-            detok = IncrementalDetokenizer(
-                self.prompts.tokenizer, request.prompt_token_ids, request.sampling_params.stop
+            stop = request.sampling_params.stop
+            detok = (
+                IncrementalDetokenizer(self.prompts.tokenizer, request.prompt_token_ids, stop)
+                if stop
+                else None
             )
             output = RequestOutput(request.req_id, text, request.prompt_token_ids, [])
             pending[request.req_id] = _Pending(output, detok)
@@ -222,27 +229,31 @@ class LLM:
         return results
 
     def _apply(self, p: _Pending, out: EngineOutput) -> bool:
-        """Applies one step's output to a request; True when the request just finished."""
+        """Applies one step's output to a request; True when the request just finished (its
+        output is filled in then)."""
         if out.error is not None:
             raise InvalidRequest(out.error.message, code=out.error.code)
         p.token_ids.extend(out.new_token_ids)
-        logprobs = p.output.outputs[0].logprobs if p.output.outputs else None
         if out.new_logprobs is not None:
-            logprobs = (logprobs or []) + [
+            p.logprobs = p.logprobs if p.logprobs is not None else []
+            p.logprobs += [
                 {lp.token_id: lp.logprob for lp in [t.sampled, *t.top]} for t in out.new_logprobs
             ]
-        p.detokenizer.update(out.new_token_ids, finished=out.finished)
         finish_reason = out.finish_reason
-        if p.detokenizer.stopped and finish_reason is None:
-            self.engine.abort_request(out.req_id, RequestStatus.FINISHED_STOPPED)
-            finish_reason = "stop"
-        p.output.outputs = [
-            CompletionOutput(
-                0, p.detokenizer.output_text, list(p.token_ids), finish_reason, logprobs
-            )
-        ]
-        p.output.finished = finish_reason is not None
-        return p.output.finished
+        if p.detokenizer is not None:
+            p.detokenizer.update(out.new_token_ids, finished=out.finished)
+            if p.detokenizer.stopped and finish_reason is None:
+                self.engine.abort_request(out.req_id, RequestStatus.FINISHED_STOPPED)
+                finish_reason = "stop"
+        if finish_reason is None:
+            return False
+        if p.detokenizer is not None:
+            text = p.detokenizer.output_text
+        else:  # what the incremental detokenizer ends with, in one decode
+            text = self.prompts.tokenizer.decode(p.token_ids, skip_special_tokens=True)
+        p.output.outputs = [CompletionOutput(0, text, p.token_ids, finish_reason, p.logprobs)]
+        p.output.finished = True
+        return True
 
 
 def _load_image(source: object) -> tuple[Image.Image, str]:
