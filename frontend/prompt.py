@@ -61,11 +61,20 @@ class PromptBuilder:
                 f") but {len(num_tokens_per_image)} images were given",
                 code="placeholder_mismatch",
             )
-        expanded = parts[0] + "".join(
-            token * n + part for n, part in zip(num_tokens_per_image, parts[1:], strict=True)
-        )
-        ids = self.tokenizer(expanded, add_special_tokens=add_special_tokens)["input_ids"]
-        return ids, self._placeholder_ranges(ids, num_tokens_per_image)
+        # The image token is an added (special) token, which the tokenizer splits the text
+        # around: repeating its id n times gives the ids of the text with the token written n
+        # times, at a fraction of the cost (a 1920x1080 image is 2691 tokens: 3.2 against 0.06
+        # ms, on the frontend's event loop).
+        ids = self.tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"]
+        image_token_id = self.info.image_token_id
+        counts = iter(num_tokens_per_image)
+        expanded: list[int] = []
+        for t in ids:
+            if t == image_token_id:
+                expanded.extend([t] * next(counts, 1))
+            else:
+                expanded.append(t)
+        return expanded, self._placeholder_ranges(expanded, num_tokens_per_image)
 
     def _placeholder_ranges(
         self, ids: list[int], num_tokens_per_image: list[int]
