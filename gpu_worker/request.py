@@ -45,7 +45,8 @@ class Request:
     num_computed_tokens: int = 0  # tokens whose KV is in the cache (or being written this step)
     # The request's length limit: prompt + max_tokens, capped at the model's maximum length.
     max_num_tokens: int = 0
-    # Async scheduling: tokens the step in flight samples (0 or 1), not yet in `token_ids`. The
+    # Async scheduling: tokens sampled by steps in flight, not yet in `token_ids` (at most one
+    # when the next step is planned; two from then until the older step is applied). The
     # scheduler plans the next step as if they were there; the runner takes their ids from the
     # previous step's sampled tokens on the device.
     num_pending_tokens: int = 0
