@@ -13,6 +13,7 @@ import math
 import torch
 from decode_step import weight_bytes  # bench/ is the script dir on sys.path
 from torch import nn
+from vision_encoder import flops as vit_flops
 
 from mm_runtime.gpu_worker.engine import EngineCore
 from mm_runtime.shared.wire import EngineRequest, MMItem
@@ -43,8 +44,8 @@ def encoder_flops(engine: EngineCore, item: MMItem) -> float:
     vision = config.vision_config
     assert item.tensors is not None
     if engine.info.model_type == "qwen2_vl":
-        n = item.tensors["pixel_values"].shape[0]  # patches of the image
-        return 2 * _params(model.visual) * n + 4 * n * n * vision.embed_dim * vision.depth
+        grid = tuple(int(x) for x in item.tensors["image_grid_thw"][0])  # (t, h, w) in patches
+        return vit_flops([grid], vision, _params(model.visual))
     if engine.info.model_type == "llava":
         n = (vision.image_size // vision.patch_size) ** 2 + 1  # patches + CLS
         tower = 2 * _params(model.vision_tower) * n
