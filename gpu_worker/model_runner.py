@@ -222,10 +222,10 @@ class ModelRunner:
             return result
 
     def _stage_items(self, items: list[MMItem]) -> list[MMItem]:
-        """The items with their floating-point tensors (pixels) on the device, sent from pinned
+        """The items with their pixels (uint8 images, or floats) on the device, sent from pinned
         memory on the copy stream; the encoder waits for them (`_encode`), the CPU does not.
-        Integer tensors (grids, sizes) are metadata the host reads: on the device, reading one
-        would wait for every step queued before it."""
+        Other integer tensors (grids, sizes) are metadata the host reads: on the device, reading
+        one would wait for every step queued before it."""
         if not items or self._copy_stream is None:
             return items
         # A destination may reuse memory that work queued on the main stream still reads.
@@ -234,7 +234,7 @@ class ModelRunner:
         for item in items:
             tensors = {}
             for key, tensor in (item.tensors or {}).items():
-                if not tensor.is_floating_point():
+                if not (tensor.is_floating_point() or tensor.dtype == torch.uint8):
                     tensors[key] = tensor
                     continue
                 host = tensor if tensor.is_pinned() else tensor.pin_memory()

@@ -1,5 +1,13 @@
 """Turns one media item into the tensors its encoder takes: decode (Pillow), then the model's HF
-processor.
+processor up to its last integer step: the resized (and cropped) image as uint8.
+
+The processor's rescale, normalize and (Qwen2-VL) patchify are elementwise or pure data movement,
+so the GPU worker does them on the device (gpu_worker/models/pixels.py) with the same float32
+operations, bit for bit. What this saves: Qwen2-VL's processor writes 50 MB of float32 patches for
+a 1920x1080 image (the frame twice, for the temporal patch), the uint8 image is 6.3 MB; every hop
+after this one (the ZMQ transfer, the feature cache, pinning, the copy to the GPU) moves 8x fewer
+bytes, and the processor's time for that image fell from 128.5 to 22.5 ms (one core of the dev
+box, bench/RESULTS.md).
 
 Stateless apart from the loaded processor; runs in a preprocess worker process (or in-process for
 the offline `LLM`). One item at a time, so items can be cached and shipped independently. Every
@@ -10,9 +18,13 @@ decompression bomb), so a bad image fails its own request and nothing else.
 import io
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
+from torchvision.transforms.v2 import functional as tvF
 from transformers import AutoImageProcessor
+from transformers.image_utils import pil_torch_interpolation_mapping
+from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
 from mm_runtime.shared.errors import MediaError, PreprocessError
 from mm_runtime.shared.model_info import ModelInfo
@@ -52,7 +64,9 @@ def _check_has_pixels(image: Image.Image) -> Image.Image:
 
 @dataclass(frozen=True, slots=True)
 class ProcessedImage:
-    tensors: dict[str, torch.Tensor]  # e.g. pixel_values (+ image_grid_thw for Qwen2-VL)
+    # pixel_values: uint8 [1, channels, height, width], resized (and cropped), not yet rescaled
+    # or normalized; Qwen2-VL adds image_grid_thw [1, 3], the (t, h, w) patch grid.
+    tensors: dict[str, torch.Tensor]
     num_tokens: int  # encoder output tokens, i.e. placeholder tokens in the prompt
 
 
@@ -68,11 +82,40 @@ class ImageProcessor:
     def __call__(self, image: Image.Image) -> ProcessedImage:
         """A decoded RGB image (from `decode_image` or `convert_image`) -> tensors."""
         try:
-            out = self.hf_processor(images=[image], return_tensors="pt")
+            if self.info.model_type == "qwen2_vl":
+                tensors = self._resize_qwen2_vl(image)
+            else:  # the HF processor with its float steps off: resize and crop, still uint8
+                out = self.hf_processor(
+                    images=[image], return_tensors="pt", do_rescale=False, do_normalize=False
+                )
+                tensors = {"pixel_values": out["pixel_values"].contiguous()}
         except ValueError as e:  # the processor refuses this image (e.g. aspect ratio > 200)
             raise MediaError(f"the image processor rejects a {image.size} image: {e}") from e
         except (RuntimeError, TypeError) as e:
             raise PreprocessError(f"image processor failed on a {image.size} image: {e}") from e
-        keys = ("pixel_values", "image_grid_thw")
-        tensors = {k: out[k].contiguous() for k in keys if k in out}
+        dtype = tensors["pixel_values"].dtype
+        if dtype != torch.uint8:  # a processor that makes floats before its normalize step
+            raise PreprocessError(f"the image processor gave {dtype} pixels, not uint8")
         return ProcessedImage(tensors, self.info.num_image_tokens(tensors))
+
+    def _resize_qwen2_vl(self, image: Image.Image) -> dict[str, torch.Tensor]:
+        """Qwen2VLImageProcessor's resize, as it does it (smart_resize's size, torchvision's
+        antialiased resize of the uint8 image), without its patchify: the patches are a
+        reshape of this image, made on the GPU."""
+        hf = self.hf_processor
+        pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1)  # [3, height, width]
+        factor = hf.patch_size * hf.merge_size
+        height, width = smart_resize(
+            image.height,
+            image.width,
+            factor=factor,
+            min_pixels=hf.size["shortest_edge"],
+            max_pixels=hf.size["longest_edge"],
+        )
+        if hf.do_resize:
+            mode = pil_torch_interpolation_mapping[hf.resample]
+            pixels = tvF.resize(pixels, [height, width], interpolation=mode, antialias=True)
+        elif (height, width) != (image.height, image.width):
+            raise ValueError(f"do_resize is off and {image.size} is not a multiple of {factor}")
+        grid = torch.tensor([[1, height // hf.patch_size, width // hf.patch_size]])
+        return {"pixel_values": pixels.unsqueeze(0).contiguous(), "image_grid_thw": grid}

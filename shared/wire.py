@@ -80,8 +80,10 @@ class PlaceholderRange(msgspec.Struct, array_like=True, frozen=True):
 class MMItem(msgspec.Struct, kw_only=True):
     """One preprocessed media item of a request.
 
-    `tensors` are the HF processor's outputs for this item alone (e.g. `pixel_values`, and
-    `image_grid_thw` for Qwen2-VL); `mm_hash` keys the encoder cache, the prefix cache and the
+    `tensors` are the HF processor's outputs for this item alone, up to its last integer step:
+    `pixel_values` is the resized (and cropped) image, uint8 [1, channels, height, width], which
+    the GPU worker rescales, normalizes and patchifies on the device (gpu_worker/models/pixels.py),
+    and Qwen2-VL adds `image_grid_thw`; `mm_hash` keys the encoder cache, the prefix cache and the
     feature cache. On the frontend -> GPU worker channel, `tensors` is None for a feature-cache
     hit: the GPU worker fills it from its cache on arrival (DESIGN.md section 3).
     """

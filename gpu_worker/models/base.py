@@ -14,6 +14,7 @@ from transformers import PretrainedConfig
 
 from mm_runtime.gpu_worker.layers.attention import AttentionBackend, AttentionMetadata
 from mm_runtime.gpu_worker.models.decoder import Decoder
+from mm_runtime.gpu_worker.models.pixels import PixelNormalizer
 from mm_runtime.gpu_worker.request import Request
 from mm_runtime.gpu_worker.scheduler import ScheduledRequest
 from mm_runtime.shared.errors import InvalidRequest
@@ -40,6 +41,7 @@ class MultimodalModel(nn.Module, ABC):
         self.lm_head = nn.Linear(text_config.hidden_size, text_config.vocab_size, bias=False)
         if ties_word_embeddings(config):
             self.lm_head.weight = self.language_model.embed_tokens.weight
+        self.pixel_normalizer = PixelNormalizer(config.name_or_path)
 
     @abstractmethod
     def encode(self, items: list[MMItem]) -> list[torch.Tensor]:
@@ -93,6 +95,16 @@ class MultimodalModel(nn.Module, ABC):
             if name.startswith(prefix):
                 return ours + name[len(prefix) :]
         return name
+
+
+def item_image(item: MMItem, shape: tuple[int, ...]) -> torch.Tensor:
+    """The item's `pixel_values`: the uint8 image of the preprocess worker, of this shape."""
+    pixels = item_tensor(item, "pixel_values", len(shape))
+    if pixels.dtype != torch.uint8 or tuple(pixels.shape) != shape:
+        raise InvalidRequest(
+            f"pixel_values of shape {tuple(pixels.shape)} ({pixels.dtype}), expected {shape} uint8"
+        )
+    return pixels
 
 
 def item_tensor(item: MMItem, key: str, ndim: int) -> torch.Tensor:

@@ -9,8 +9,7 @@ from transformers import AutoModel, PretrainedConfig
 from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
 from mm_runtime.gpu_worker.layers.attention import AttentionBackend
-from mm_runtime.gpu_worker.models.base import MultimodalModel, item_tensor
-from mm_runtime.shared.errors import InvalidRequest
+from mm_runtime.gpu_worker.models.base import MultimodalModel, item_image
 from mm_runtime.shared.model_info import num_image_tokens
 from mm_runtime.shared.wire import MMItem, PlaceholderRange
 
@@ -43,19 +42,14 @@ class LlavaModel(MultimodalModel):
 
     def item_length(self, item: MMItem) -> int:
         vision = self.config.vision_config
-        pixels = item_tensor(item, "pixel_values", 4)  # [1, channels, height, width]
-        expected = (1, vision.num_channels, vision.image_size, vision.image_size)
-        if tuple(pixels.shape) != expected:
-            raise InvalidRequest(
-                f"pixel_values of shape {tuple(pixels.shape)}, expected {expected}"
-            )
+        item_image(item, (1, vision.num_channels, vision.image_size, vision.image_size))
         return num_image_tokens(self.config, item.tensors)
 
     def dummy_encoder_items(self, max_tokens: int) -> list[MMItem]:
         # Every CLIP image is the processor's crop (image_size^2, 336^2 for LLaVA-1.5).
         vision = self.config.vision_config
         shape = (1, vision.num_channels, vision.image_size, vision.image_size)
-        tensors = {"pixel_values": torch.zeros(shape)}
+        tensors = {"pixel_values": torch.zeros(shape, dtype=torch.uint8)}
         length = num_image_tokens(self.config, tensors)
         return [
             MMItem(
@@ -72,8 +66,8 @@ class LlavaModel(MultimodalModel):
             return []
         weight = self.multi_modal_projector.linear_1.weight
         # CLIP images are all the processor's crop size, so one batch serves every item.
-        pixels = torch.cat([item.tensors["pixel_values"] for item in items])
-        pixels = pixels.to(weight.device, weight.dtype)
+        pixels = torch.cat([item.tensors["pixel_values"] for item in items])  # uint8
+        pixels = self.pixel_normalizer(pixels.to(weight.device)).to(weight.dtype)
         out = self.vision_tower(pixels, output_hidden_states=True, return_dict=True)
         layers = self.config.vision_feature_layer
         layers = [layers] if isinstance(layers, int) else list(layers)

@@ -227,12 +227,8 @@ def vocab_size(s: Served) -> int:
 
 
 def shrink_pixel_values(req: EngineRequest) -> None:
-    tensors = req.mm_items[0].tensors
-    pixels = tensors["pixel_values"]
-    if pixels.dim() == 4:  # llava: [1, channels, height, width]
-        tensors["pixel_values"] = pixels[..., :28, :28].contiguous()
-    else:  # qwen2_vl: [patches, patch_dim]
-        tensors["pixel_values"] = pixels[:-4].contiguous()
+    tensors = req.mm_items[0].tensors  # pixel_values: uint8 [1, channels, height, width]
+    tensors["pixel_values"] = tensors["pixel_values"][..., :28, :28].contiguous()
 
 
 def drop_pixel_values(req: EngineRequest) -> None:
@@ -258,7 +254,20 @@ def unmergeable_grid(req: EngineRequest) -> None:
     tensors = req.mm_items[0].tensors
     t, h, _ = (int(x) for x in tensors["image_grid_thw"][0])
     tensors["image_grid_thw"] = torch.tensor([[t, h, 3]])
-    tensors["pixel_values"] = tensors["pixel_values"][: t * h * 3].contiguous()
+    tensors["pixel_values"] = tensors["pixel_values"][..., : 3 * 14].contiguous()
+
+
+def float_pixel_values(req: EngineRequest) -> None:
+    """Normalized float pixels, as the HF processor gives them: the wire carries uint8 images."""
+    tensors = req.mm_items[0].tensors
+    tensors["pixel_values"] = tensors["pixel_values"].float() / 255
+
+
+def two_frame_grid(req: EngineRequest) -> None:
+    """Qwen2-VL: a video's grid (t = 2) with an image's pixels; this model takes images."""
+    tensors = req.mm_items[0].tensors
+    _, h, w = (int(x) for x in tensors["image_grid_thw"][0])
+    tensors["image_grid_thw"] = torch.tensor([[2, h, w]])
 
 
 def lazily_opened_truncated_png() -> Image.Image:
@@ -393,6 +402,17 @@ BAD_INPUTS = [
         r"image_grid_thw .* is not a valid patch grid",
         archs=("qwen2_vl",),
     ),
+    invalid(
+        "video_grid_on_image_pixels",
+        add_tampered(two_frame_grid),
+        r"image_grid_thw \[2, .* is not a valid patch grid",
+        archs=("qwen2_vl",),
+    ),
+    invalid(
+        "float_pixels",
+        add_tampered(float_pixel_values),
+        r"pixel_values of shape .* \(torch.float32\), expected .* uint8",
+    ),
     # request ids and sampling parameters
     invalid(
         "duplicate_req_id", submit_duplicate_req_id, r"request id 'good-\d' is already running"
@@ -438,21 +458,34 @@ def test_engine_keeps_serving_after_many_bad_inputs(engine_idle_after: Served) -
     flight.finish_and_check()
 
 
-def test_nan_features_stay_in_their_request(engine_idle_after: Served) -> None:
-    """Only tensor shapes are validated, so a request whose pixel_values are NaN runs, and writes
-    NaN K/V into its blocks. Requests that reuse those blocks after it must not see them."""
+def test_nan_features_stay_in_their_request(
+    engine_idle_after: Served, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A request whose encoder output is NaN (uint8 pixels cannot be; a broken encoder or
+    weights can) runs, and writes NaN K/V into its blocks. Requests that reuse those blocks
+    after it must not see them."""
     served = engine_idle_after
     engine = served.llm.engine
     image = random_image(40, 40, seed=9)
     prompt = mm_prompt(prompt_text(served.arch, QUESTION * 6, 1), [image])
     poisoned = served.llm.build_request(prompt, GREEDY, req_id="nan")
-    pixels = poisoned.mm_items[0].tensors["pixel_values"]
-    poisoned.mm_items[0].tensors["pixel_values"] = torch.full_like(pixels, float("nan"))
+    nan_hash = poisoned.mm_items[0].mm_hash
+    encode = engine.runner.model.encode
+
+    def encode_nan(items: list) -> list[torch.Tensor]:
+        outs = encode(items)
+        return [
+            o.fill_(float("nan")) if item.mm_hash == nan_hash else o
+            for item, o in zip(items, outs, strict=True)
+        ]
+
+    monkeypatch.setattr(engine.runner.model, "encode", encode_nan)
     engine.add_request(poisoned)
     poisoned_block_ids: set[int] = set()
     while engine.has_unfinished_requests():
         engine.step()
         poisoned_block_ids |= set(engine.kv.block_ids("nan"))
+    monkeypatch.undo()
     flight = InFlight(served)
     good_block_ids = {b for r in flight.req_ids for b in engine.kv.block_ids(r)}
     assert good_block_ids & poisoned_block_ids  # the good requests do reuse the NaN blocks
