@@ -43,17 +43,12 @@ class EncoderCache:
     def contains(self, mm_hash: str) -> bool:
         return mm_hash in self.entries
 
-    def lookup(self, mm_hash: str, pending: bool = False) -> bool:
-        """`contains`, counted as a hit or miss: call once per item when admitting a request.
-
-        `pending`: another request encodes this item in the same step, which counts as a hit.
-        """
-        hit = mm_hash in self.entries or pending
+    def count_lookup(self, hit: bool) -> None:
+        """Counts one item's lookup (the scheduler calls it once per item it schedules)."""
         if hit:
             self.hits += 1
         else:
             self.misses += 1
-        return hit
 
     def get(self, mm_hash: str) -> torch.Tensor:
         return self.entries[mm_hash]

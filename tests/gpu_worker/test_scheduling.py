@@ -145,6 +145,25 @@ def test_prefix_cache_is_keyed_by_media(arch: str, tiny_models: dict[str, Path])
         engine.step()
 
 
+def test_encoder_cache_counts_each_item_once_however_long_it_waits(
+    tiny_models: dict[str, Path],
+) -> None:
+    # Encoder budget for one image a step: the fourth request waits three steps for its image.
+    llm = LLM(tiny_models["qwen2_vl"], device="cpu", max_encoder_tokens_per_step=16)
+    images = [random_image(112, 112, seed=20 + i) for i in range(4)]  # 16 tokens each
+    prompts = [mm_prompt(prompt_text("qwen2_vl", "What is this?", 1), [im]) for im in images]
+    steps: list[int] = []
+    requests = llm.build_requests(prompts, [GREEDY] * 4)
+    for request in requests:
+        llm.engine.add_request(request)
+    while llm.engine.has_unfinished_requests():
+        llm.engine.step()
+        steps.append(llm.engine.runner.num_encoded_items)
+    assert steps[:4] == [1, 2, 3, 4]  # one image a step: later requests waited
+    cache = llm.engine.encoder_cache
+    assert (cache.misses, cache.hits) == (4, 0)
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_encoder_runs_once_per_shared_image(arch: str, tiny_models: dict[str, Path]) -> None:
     llm = LLM(tiny_models[arch], device="cpu", enable_prefix_caching=False)
