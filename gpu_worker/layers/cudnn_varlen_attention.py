@@ -52,6 +52,7 @@ _lock = threading.Lock()
 _graphs: dict[_GraphKey, _Graph] = {}
 _handles: dict[int, Any] = {}  # device index -> cudnn handle
 _cudnn: Any = None  # the module, once imported
+_last_metadata: tuple[tuple, torch.Tensor] | None = None  # see _metadata
 
 
 def supports(dtype: torch.dtype, head_dim: int) -> bool:
@@ -115,27 +116,12 @@ def varlen_attention(
 def _attend(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: list[int], out: torch.Tensor
 ) -> None:
-    num_tokens, heads, head_dim = q.shape
+    _, heads, head_dim = q.shape
     token_stride = q.stride(0)
     batch = bucket(len(lengths), 1)
     max_len = bucket(max(lengths), MIN_LEN_BUCKET)
     g = _graph(_GraphKey(q.device, q.dtype, batch, max_len, heads, head_dim, token_stride))
-    # Padding entries are empty sequences at the end (length 0, offset = num_tokens). Offsets
-    # count elements: a token of q/k/v spans token_stride of them, a token of out heads * d.
-    starts = [0]
-    for n in lengths:
-        starts.append(starts[-1] + n)
-    starts += [num_tokens] * (batch - len(lengths))
-    host = torch.tensor(
-        [
-            *lengths,
-            *[0] * (batch - len(lengths)),
-            *(s * token_stride for s in starts),
-            *(s * heads * head_dim for s in starts),
-        ],
-        dtype=torch.int32,
-    ).pin_memory()
-    meta = host.to(q.device, non_blocking=True)  # pinned: does not wait for queued work
+    meta = _metadata(q.device, tuple(lengths), batch, token_stride, heads * head_dim)
     workspace = torch.empty(g.workspace_bytes, dtype=torch.uint8, device=q.device)
     variant_pack = {
         _UID_Q: q.data_ptr(),
@@ -149,6 +135,39 @@ def _attend(
     handle = _handle(q.device)
     _cudnn.set_stream(handle=handle, stream=torch.cuda.current_stream(q.device).cuda_stream)
     g.graph.execute(variant_pack, workspace.data_ptr(), handle=handle)
+
+
+def _metadata(
+    device: torch.device,
+    lengths: tuple[int, ...],
+    batch: int,
+    token_stride: int,
+    out_token_stride: int,
+) -> torch.Tensor:
+    """[lengths | q/k/v offsets | out offsets], int32 on the device. Padding entries are empty
+    sequences at the end (length 0, offset = num_tokens); offsets count elements. The last one
+    is kept: every layer of a ViT forward asks for the same, and making it (a pinned copy) cost
+    as much host time as launching the attention."""
+    global _last_metadata
+    key = (device, lengths, batch, token_stride, out_token_stride)
+    if _last_metadata is not None and _last_metadata[0] == key:
+        return _last_metadata[1]
+    starts = [0]
+    for n in lengths:
+        starts.append(starts[-1] + n)
+    starts += [starts[-1]] * (batch - len(lengths))
+    host = torch.tensor(
+        [
+            *lengths,
+            *[0] * (batch - len(lengths)),
+            *(s * token_stride for s in starts),
+            *(s * out_token_stride for s in starts),
+        ],
+        dtype=torch.int32,
+    ).pin_memory()
+    meta = host.to(device, non_blocking=True)  # pinned: does not wait for queued work
+    _last_metadata = (key, meta)
+    return meta
 
 
 def _handle(device: torch.device) -> Any:
