@@ -2,8 +2,8 @@
 fused attention graph: the GPU path of the vision encoders' attention.
 
 Why cuDNN, and why not through torch: at the Qwen2-VL ViT's head dim 80, cuDNN's fused kernel runs
-1.4x torch's flash attention on a 1920x1080 image (1.79 against 2.54 ms per layer on an H200), and
-3.9x on sixteen small images, one call against sixteen (bench/vit_attention.py); but torch's cuDNN
+1.5x torch's flash attention on a 1920x1080 image (1.62 against 2.44 ms per layer on an H200), and
+3.8x on sixteen small images, one call against sixteen (bench/vit_attention.py); but torch's cuDNN
 backend keys its execution plans on the exact sequence length and builds a new one (about 44 ms)
 for every image size it meets. Here sequence lengths are run-time tensors (cuDNN's
 padding mask) and each sequence is found by a ragged offset, so one graph serves every call whose

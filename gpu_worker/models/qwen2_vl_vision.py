@@ -120,8 +120,8 @@ def _attend_cuda(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: list[int]
 ) -> torch.Tensor:
     """Non-causal attention within each image, [num_patches, heads, head_dim], on strided views
-    of the QKV output (no copies): all images in one cuDNN call (1.4x flash on a 1920x1080
-    image, 3.9x on sixteen small ones, bench/vit_attention.py), else one SDPA call per image
+    of the QKV output (no copies): all images in one cuDNN call (1.5x flash on a 1920x1080
+    image, 3.8x on sixteen small ones, bench/vit_attention.py), else one SDPA call per image
     under `VISION_SDPA_BACKENDS`."""
     if cudnn_varlen_attention.supports(q.dtype, q.shape[-1]):
         return cudnn_varlen_attention.varlen_attention(q, k, v, lengths)
