@@ -103,6 +103,8 @@ class Scheduler:
         images gave 10133 misses in a load test)."""
         encoded = {(id(req), index) for req, index in out.encoder_inputs}
         for s in out.scheduled:
+            if s.start >= s.req.num_prompt_tokens:
+                continue  # a decode: items lie in the prompt (the step's common case, kept cheap)
             for index, item in enumerate(s.req.mm_items):
                 if s.start <= item.placeholder.offset < s.end:
                     self.encoder_cache.count_lookup(hit=(id(s.req), index) not in encoded)
