@@ -39,28 +39,35 @@ MM_FOR_EACH_DTYPE(ROTARY)
 // The Qwen2-VL ViT's 2-D rotary, in place on the fused QKV output [num_tokens, 3, num_heads,
 // head_dim] (q and k are its first two thirds, so no copy is made). cos/sin [num_tokens,
 // head_dim / 2] stay float32 and the rotation is computed in float32 and rounded once, as
-// transformers' apply_rotary_pos_emb_vision does. One thread per rotated pair, flat over
-// (token, q/k head, j): consecutive threads touch consecutive elements.
+// transformers' apply_rotary_pos_emb_vision does. One block per token; a thread rotates two
+// adjacent pairs (j, j+1 with j+half, j+half+1) of one q or k head with 4-byte loads (head_dim a
+// multiple of 4). 32-bit index math: a flat 64-bit index's division cost more than the memory
+// traffic (1.2 TB/s on an H200, where the data moves at three times that).
+template <typename T> struct alignas(2 * sizeof(T)) Two { T a, b; };
+
 template <typename T>
 __device__ void rotary_vision(T* __restrict__ qkv, const float* __restrict__ cos,
-                              const float* __restrict__ sin, long num_tokens, int num_heads,
-                              int head_dim) {
-  const int half = head_dim / 2;
-  const long per_token = 2L * num_heads * half;  // q's heads, then k's
-  const long i = blockIdx.x * (long)blockDim.x + threadIdx.x;
-  if (i >= num_tokens * per_token) return;
-  const long token = i / per_token;
-  const int rest = i % per_token, head = rest / half, j = rest % half;
-  T* h = qkv + token * 3 * num_heads * head_dim + (long)head * head_dim;
-  const float c = cos[token * half + j], s = sin[token * half + j];
-  const float x1 = to_float(h[j]), x2 = to_float(h[j + half]);
-  h[j] = from_float<T>(x1 * c - x2 * s);
-  h[j + half] = from_float<T>(x2 * c + x1 * s);
+                              const float* __restrict__ sin, int num_heads, int head_dim) {
+  const long token = blockIdx.x;
+  const int half = head_dim / 2, pairs = half / 2;  // pairs of adjacent elements per half-head
+  T* base = qkv + token * 3 * num_heads * head_dim;
+  const float2* cos2 = reinterpret_cast<const float2*>(cos + token * half);
+  const float2* sin2 = reinterpret_cast<const float2*>(sin + token * half);
+  for (int i = threadIdx.x; i < 2 * num_heads * pairs; i += blockDim.x) {
+    const int head = i / pairs, p = i % pairs;  // q's heads, then k's
+    Two<T>* lo = reinterpret_cast<Two<T>*>(base + head * head_dim) + p;
+    Two<T>* hi = reinterpret_cast<Two<T>*>(base + head * head_dim + half) + p;
+    const float2 c = cos2[p], s = sin2[p];
+    const Two<T> x1 = *lo, x2 = *hi;
+    const float x1a = to_float(x1.a), x1b = to_float(x1.b), x2a = to_float(x2.a), x2b = to_float(x2.b);
+    *lo = Two<T>{from_float<T>(x1a * c.x - x2a * s.x), from_float<T>(x1b * c.y - x2b * s.y)};
+    *hi = Two<T>{from_float<T>(x2a * c.x + x1a * s.x), from_float<T>(x2b * c.y + x1b * s.y)};
+  }
 }
 
 #define ROTARY_VISION(NAME, T)                                                                     \
   extern "C" __global__ void rotary_vision_##NAME(T* qkv, const float* cos, const float* sin,      \
-                                                  long num_tokens, int num_heads, int head_dim) {  \
-    rotary_vision<T>(qkv, cos, sin, num_tokens, num_heads, head_dim);                              \
+                                                  int num_heads, int head_dim) {                   \
+    rotary_vision<T>(qkv, cos, sin, num_heads, head_dim);                                          \
   }
 MM_FOR_EACH_DTYPE(ROTARY_VISION)

@@ -246,23 +246,69 @@ def quick_gelu_(x: torch.Tensor) -> torch.Tensor:
 
 def apply_rotary_vision(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
     """The Qwen2-VL ViT's rotary in place on q and k of the fused QKV output [T, 3, H, D], with
-    float32 cos/sin [T, D/2] (computed and rounded once as transformers does)."""
+    float32 cos/sin [T, D/2] (computed and rounded once as transformers does); D % 4 == 0."""
     num_tokens, three, num_heads, head_dim = qkv.shape
     assert three == 3 and qkv.is_contiguous() and cos.dtype == sin.dtype == torch.float32
-    assert cos.shape == sin.shape == (num_tokens, head_dim // 2)
+    assert cos.shape == sin.shape == (num_tokens, head_dim // 2) and head_dim % 4 == 0
     assert cos.is_contiguous() and sin.is_contiguous()
-    total = num_tokens * num_heads * head_dim  # one thread per rotated pair of q and of k
-    if total:
+    if num_tokens:
         args = [
             (qkv, _PTR),
             (cos, _PTR),
             (sin, _PTR),
-            (num_tokens, ctypes.c_long),
             (num_heads, ctypes.c_int),
             (head_dim, ctypes.c_int),
         ]
+        threads = _threads(num_heads * head_dim // 2)  # one per two pairs of q and of k
         name = f"rotary_vision_{DTYPE_SUFFIX[qkv.dtype]}"
-        KERNELS.launch(name, (-(-total // 256), 1, 1), (256, 1, 1), args)
+        KERNELS.launch(name, (num_tokens, 1, 1), (threads, 1, 1), args)
+
+
+LAYER_NORM_VECS = (2, 4, 8, 16)  # registers per lane of csrc/norm.cu's layer_norm variants
+LAYER_NORM_ROWS = 4  # rows per block: one warp each
+
+
+def layer_norm_fits(x: torch.Tensor) -> bool:
+    """Whether `layer_norm` takes rows of this width and type (else use torch's)."""
+    per_vector = 16 // x.element_size()
+    hidden = x.shape[-1]
+    return hidden % per_vector == 0 and hidden <= 32 * LAYER_NORM_VECS[-1] * per_vector
+
+
+def layer_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    eps: float,
+    residual: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(normed, new residual): F.layer_norm(residual + x) with `residual` updated in place to the
+    sum (rounded to x's type first, as `residual = residual + x` does); without `residual`,
+    F.layer_norm(x) and x."""
+    assert x.is_cuda and x.is_contiguous() and layer_norm_fits(x)
+    assert weight.dtype == bias.dtype == x.dtype and weight.is_contiguous() and bias.is_contiguous()
+    hidden = x.shape[-1]
+    rows = x.numel() // hidden
+    out = torch.empty_like(x)
+    if rows:
+        assert residual is None or (residual.is_contiguous() and residual.shape == x.shape)
+        per_vector = 16 // x.element_size()
+        vecs = next(v for v in LAYER_NORM_VECS if 32 * v * per_vector >= hidden)
+        args = [
+            (out, _PTR),
+            (residual if residual is not None else x, _PTR),
+            (x, _PTR),
+            (weight, _PTR),
+            (bias, _PTR),
+            (rows, ctypes.c_long),
+            (hidden, ctypes.c_int),
+            (eps, ctypes.c_float),
+            (int(residual is not None), ctypes.c_int),
+        ]
+        name = f"layer_norm_v{vecs}_{DTYPE_SUFFIX[x.dtype]}"
+        blocks = -(-rows // LAYER_NORM_ROWS)
+        KERNELS.launch(name, (blocks, 1, 1), (32 * LAYER_NORM_ROWS, 1, 1), args)
+    return out, (residual if residual is not None else x)
 
 
 @functools.cache

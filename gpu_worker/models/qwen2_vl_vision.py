@@ -14,7 +14,8 @@ tests/gpu_worker/test_qwen2_vl_vision.py). On CUDA:
   QKV output (transformers makes float32 copies of q and k in every layer);
 - attention is one cuDNN call for all images of the batch, on views of the QKV output
   (layers/cudnn_varlen_attention.py), else one flash SDPA call per image;
-- QuickGELU is one in-place kernel instead of three torch ops.
+- QuickGELU is one in-place kernel instead of three torch ops;
+- each residual add is fused into the LayerNorm after it (one kernel instead of two).
 """
 
 import contextlib
@@ -167,6 +168,28 @@ class VisionBlock(nn.Module):
         x = x + self.attn(self.norm1(x), cos, sin, lengths)
         return x + self.mlp(self.norm2(x))
 
+    def forward_fused(
+        self,
+        x: torch.Tensor,
+        h: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        lengths: list[int],
+        next_norm: nn.LayerNorm,
+    ) -> torch.Tensor:
+        """`forward` with each residual add fused into the LayerNorm after it (CUDA): given
+        h = norm1(x), updates x in place to the block's output and returns next_norm(x) (the
+        next block's norm1, or the merger's)."""
+        h = _add_layer_norm(self.attn(h, cos, sin, lengths), self.norm2, residual=x)
+        return _add_layer_norm(self.mlp(h), next_norm, residual=x)
+
+
+def _add_layer_norm(
+    x: torch.Tensor, norm: nn.LayerNorm, residual: torch.Tensor | None = None
+) -> torch.Tensor:
+    """norm(residual + x), with residual updated in place to the sum; norm(x) without one."""
+    return kernels.layer_norm(x, norm.weight, norm.bias, norm.eps, residual)[0]
+
 
 class PatchEmbed(nn.Module):
     def __init__(self, config: PretrainedConfig) -> None:
@@ -226,9 +249,33 @@ class Qwen2VisionTransformer(nn.Module):
         lengths = [h * w for t, h, w in grid_thw for _ in range(t)]
         with _sdpa_backends(device):
             x = self.patch_embed(pixels)
+            if x.is_cuda and kernels.layer_norm_fits(x):
+                return self._blocks_fused(x, cos, sin, lengths)
             for block in self.blocks:
                 x = block(x, cos, sin, lengths)
             return self.merger(x)
+
+    def warm_up(self, max_patches: int) -> None:
+        """Builds the attention's cuDNN graphs for images of up to max_patches (CUDA)."""
+        param = next(self.parameters())
+        if param.is_cuda:
+            attn = self.blocks[0].attn
+            width = attn.num_heads * attn.head_dim
+            cudnn_varlen_attention.prebuild(
+                param.device, param.dtype, attn.num_heads, attn.head_dim, 3 * width, max_patches
+            )
+
+    def _blocks_fused(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, lengths: list[int]
+    ) -> torch.Tensor:
+        """The blocks and the merger with every residual add fused into the LayerNorm that
+        follows it, the merger's ln_q included: per layer two kernels that read two rows and
+        write two, where torch ran two adds and two norms (bench/vision_encoder.py)."""
+        next_norms = [block.norm1 for block in self.blocks[1:]] + [self.merger.ln_q]
+        h = _add_layer_norm(x, self.blocks[0].norm1)
+        for block, next_norm in zip(self.blocks, next_norms, strict=True):
+            h = block.forward_fused(x, h, cos, sin, lengths, next_norm)
+        return self.merger.mlp(h.view(-1, self.merger.hidden_size))  # PatchMerger after ln_q
 
 
 def _sdpa_backends(device: torch.device) -> contextlib.AbstractContextManager:

@@ -62,6 +62,41 @@ def test_rms_norm(shape: tuple[int, int], dtype: torch.dtype, with_residual: boo
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 64), (7, 80), (1031, 1280), (33, 1536), (5, 4096), (9, 24)])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_layer_norm(shape: tuple[int, int], dtype: torch.dtype, with_residual: bool) -> None:
+    from mm_runtime.gpu_worker import kernels
+
+    torch.manual_seed(6)
+    rows, hidden = shape
+    weight = torch.randn(hidden, dtype=dtype, device="cuda") * 0.1 + 1
+    bias = torch.randn(hidden, dtype=dtype, device="cuda") * 0.1
+    x = torch.randn(rows, hidden, dtype=dtype, device="cuda") * 3 + 0.5  # a mean to remove
+    residual = torch.randn_like(x) if with_residual else None
+    summed = x if residual is None else residual + x  # rounded to dtype, as the model adds
+    expected = torch.nn.functional.layer_norm(summed, (hidden,), weight, bias, 1e-6)
+    if dtype == torch.float32 and hidden > 2048:  # 16 vectors of 4 floats per lane at most
+        assert not kernels.layer_norm_fits(x)
+        return
+    assert kernels.layer_norm_fits(x)
+    poison(x.numel(), dtype)
+    out, new_residual = kernels.layer_norm(x, weight, bias, 1e-6, residual)
+    rtol, atol = TOLERANCE[dtype]
+    torch.testing.assert_close(out, expected, rtol=rtol, atol=atol)
+    torch.testing.assert_close(new_residual, summed, rtol=0, atol=0)  # one rounding
+    assert (new_residual is residual) if with_residual else (new_residual is x)
+
+
+def test_layer_norm_fits_only_whole_vectors_up_to_the_registers() -> None:
+    from mm_runtime.gpu_worker import kernels
+
+    assert kernels.layer_norm_fits(torch.empty(1, 4096, dtype=torch.bfloat16))
+    assert not kernels.layer_norm_fits(torch.empty(1, 4104, dtype=torch.bfloat16))
+    assert not kernels.layer_norm_fits(torch.empty(1, 1284, dtype=torch.bfloat16))  # not % 8
+    assert kernels.layer_norm_fits(torch.empty(1, 1284, dtype=torch.float32))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("num_kv_heads,head_dim", [(1, 64), (2, 80), (8, 128)])
 def test_write_kv_cache(dtype: torch.dtype, num_kv_heads: int, head_dim: int) -> None:
     from mm_runtime.gpu_worker import kernels
