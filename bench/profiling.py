@@ -46,4 +46,4 @@ def print_profile(prof: torch.profiler.profile, elapsed: float) -> None:
                 row[1] += e.cpu_time_total / 1e6
     for name, (calls, cpu, gpu) in sorted(phases.items()):
         print(f"  {name:24s} calls {calls:6d}  CPU {cpu:7.2f} s  GPU {gpu:7.2f} s")
-    print(averages.table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=60))
+    print(averages.table(sort_by="self_device_time_total", row_limit=45, max_name_column_width=70))

@@ -55,6 +55,7 @@ class EngineCore:
         self.num_kv_blocks = self.runner.num_kv_blocks_to_allocate()
         self.runner.allocate_kv_cache(self.num_kv_blocks)
         self.runner.capture_cuda_graphs()
+        self.runner.warm_up()
         self.kv = KVCacheManager(
             self.num_kv_blocks, config.block_size, config.enable_prefix_caching
         )

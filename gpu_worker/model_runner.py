@@ -18,6 +18,7 @@ vllm/v1/worker/gpu_model_runner.py). On CUDA:
 import gc
 import logging
 import math
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -486,6 +487,13 @@ class ModelRunner:
         assert self.kv_caches, "allocate the KV cache first"
         self._dummy_decode_inputs()
         self.graphs.capture(self._decode_forward)
+
+    def warm_up(self) -> None:
+        """What the model builds on first use, built now (CUDA): no step waits for it."""
+        if self.device.type == "cuda":
+            start = time.perf_counter()
+            self.model.warm_up()
+            logger.info("encoder warm-up in %.2f s", time.perf_counter() - start)
 
     def _dummy_decode_inputs(self) -> None:
         """Every row of the largest decode batch a dummy, until a step writes it."""

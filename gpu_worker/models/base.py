@@ -57,6 +57,10 @@ class MultimodalModel(nn.Module, ABC):
         largest size the processor makes, together at least `max_tokens` encoder tokens (CPU
         tensors, zeros; each placeholder's length is the item's `item_length`)."""
 
+    def warm_up(self) -> None:
+        """Builds, before serving, what the encoder would otherwise build on first use (the
+        ViT attention's cuDNN graphs); nothing by default."""
+
     def prepare_request(self, req: Request) -> None:
         """Per-request state computed once on arrival (Qwen2-VL's M-RoPE positions)."""
 

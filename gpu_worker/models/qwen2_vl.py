@@ -78,16 +78,8 @@ class Qwen2VLModel(MultimodalModel):
     def dummy_encoder_items(self, max_tokens: int) -> list[MMItem]:
         # Square images at max_pixels (the most patches one image can have, and the largest
         # ViT attention); the last one keeps only the rows needed to reach max_tokens.
-        settings = image_processor_settings(self.config.name_or_path or "")
-        size = settings.get("size") or {}
-        max_pixels = settings.get("max_pixels") or size.get("longest_edge") or DEFAULT_MAX_PIXELS
-        min_pixels = settings.get("min_pixels") or size.get("shortest_edge") or DEFAULT_MIN_PIXELS
-        vision = self.config.vision_config
-        patch = settings.get("patch_size") or vision.patch_size
-        merge = settings.get("merge_size") or self.spatial_merge_size
-        factor = patch * merge  # image pixels per merged token, along each side
-        side = max(1, math.isqrt(max_pixels) // factor)  # merged tokens along each side
-        min_rows = max(1, -(-min_pixels // (factor * factor * side)))
+        side, min_rows = self._largest_image()
+        merge = self.spatial_merge_size
         items: list[MMItem] = []
         num_tokens = 0
         while num_tokens < max(1, max_tokens):
@@ -95,6 +87,23 @@ class Qwen2VLModel(MultimodalModel):
             items.append(self._dummy_item(len(items), num_tokens, rows * merge, side * merge))
             num_tokens += items[-1].placeholder.length
         return items
+
+    def warm_up(self) -> None:
+        side, _ = self._largest_image()
+        self.visual.warm_up((side * self.spatial_merge_size) ** 2)
+
+    def _largest_image(self) -> tuple[int, int]:
+        """(merged tokens along each side of the largest square image the processor makes, the
+        fewest rows of merged tokens an image of that width has), from its settings."""
+        settings = image_processor_settings(self.config.name_or_path or "")
+        size = settings.get("size") or {}
+        max_pixels = settings.get("max_pixels") or size.get("longest_edge") or DEFAULT_MAX_PIXELS
+        min_pixels = settings.get("min_pixels") or size.get("shortest_edge") or DEFAULT_MIN_PIXELS
+        patch = settings.get("patch_size") or self.config.vision_config.patch_size
+        merge = settings.get("merge_size") or self.spatial_merge_size
+        factor = patch * merge  # image pixels per merged token, along each side
+        side = max(1, math.isqrt(max_pixels) // factor)
+        return side, max(1, -(-min_pixels // (factor * factor * side)))
 
     def _dummy_item(self, index: int, offset: int, grid_h: int, grid_w: int) -> MMItem:
         vision = self.config.vision_config

@@ -11,9 +11,16 @@ import torch.nn.functional as F
 
 from mm_runtime.gpu_worker.layers import cudnn_varlen_attention as cva
 
-# Lengths: one sequence; single tokens; a batch padded 3 -> 4 and 5 -> 8 with empty entries;
+# Lengths: one sequence; single tokens; batches padded to 16 (and 20 to 32) with empty entries;
 # lengths across several length buckets (256 .. 16384) in one call.
-LENGTHS = [[1000], [1, 1, 1], [5, 700, 33], [256, 257, 1, 4096, 80], [576, 10764, 1296]]
+LENGTHS = [
+    [1000],
+    [1, 1, 1],
+    [5, 700, 33],
+    [256, 257, 1, 4096, 80],
+    [576, 10764, 1296],
+    [17 * i + 3 for i in range(20)],
+]
 
 
 def test_buckets_are_powers_of_two_with_a_floor() -> None:
@@ -58,3 +65,17 @@ def test_calls_split_where_int32_offsets_would_overflow(monkeypatch: pytest.Monk
     heads, head_dim = 4, 64
     monkeypatch.setattr(cva, "MAX_OFFSET", 700 * 3 * heads * head_dim)
     _check([300, 300, 300, 500, 200], heads, head_dim, torch.bfloat16)
+
+
+@pytest.mark.gpu
+def test_prebuilt_graphs_serve_every_call_up_to_their_length() -> None:
+    heads, head_dim, dtype = 2, 64, torch.bfloat16  # a layout no other test builds
+    device = torch.device("cuda", torch.cuda.current_device())
+    stride = 3 * heads * head_dim
+    assert cva.prebuild(device, dtype, heads, head_dim, stride, 3000) == 5  # 256 .. 4096
+    built = len(cva._graphs)
+    for lengths in ([3000], [1, 2, 3], [100] * 16, [4096, 7]):
+        _check(lengths, heads, head_dim, dtype)
+    assert len(cva._graphs) == built  # no call built a graph
+    _check([5] * 17, heads, head_dim, dtype)  # 17 sequences: the next batch bucket, built now
+    assert len(cva._graphs) == built + 1
