@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import numpy as np
 from PIL import Image
 
 from mm_runtime.shared.errors import MediaError
@@ -72,7 +73,7 @@ def hash_pil_image(image: Image.Image) -> str:
     is in the header so one buffer laid out in two shapes hashes apart). Hash the image exactly
     as it will be processed (the `LLM` passes the RGB conversion)."""
     header = f"{image.mode}:{image.size}".encode()
-    return hash_media(header + image.tobytes())
+    return hash_media([header, np.asarray(image)])  # the pixels as PIL's one bytes copy
 
 
 def _data_url_bytes(url: str) -> bytes:

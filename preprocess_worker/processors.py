@@ -16,6 +16,7 @@ decompression bomb), so a bad image fails its own request and nothing else.
 """
 
 import io
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,6 +29,9 @@ from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
 from mm_runtime.shared.errors import MediaError, PreprocessError
 from mm_runtime.shared.model_info import ModelInfo
+
+# Qwen2-VL's resize reads the image through a read-only numpy view (no copy); nothing writes it.
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
 
 # What Pillow raises on bad input: unknown format, truncated data, a header that claims more
 # pixels than Image.MAX_IMAGE_PIXELS * 2 (DecompressionBombError is not an OSError).
@@ -103,7 +107,10 @@ class ImageProcessor:
         antialiased resize of the uint8 image), without its patchify: the patches are a
         reshape of this image, made on the GPU."""
         hf = self.hf_processor
-        pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1)  # [3, height, width]
+        # np.asarray: a read-only view of PIL's one bytes copy of the image, where np.array
+        # copied it again (16 against 5 ms for 1920x1080 on the dev CPU, with the GIL held);
+        # the resize reads it and writes a new tensor.
+        pixels = torch.from_numpy(np.asarray(image)).permute(2, 0, 1)  # [3, height, width]
         factor = hf.patch_size * hf.merge_size
         height, width = smart_resize(
             image.height,

@@ -243,3 +243,13 @@ def test_http_urls(media_http: tuple) -> None:
         load_image_bytes(f"{base}/cat.png", fetch=UrlFetch())  # no domains allowed by default
     with pytest.raises(MediaError, match="unsupported image source"):
         load_image_bytes(f"{base}/cat.png")  # no fetching at all (the offline LLM)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "RGBA"])
+def test_pil_hash_is_the_header_and_pixel_bytes_hashed_as_one(mode: str) -> None:
+    """Hashed in parts (no joined copy), the digest is that of header + tobytes(), for modes
+    whose numpy view is the raw bytes."""
+    image = IMAGE.convert(mode)
+    header = f"{image.mode}:{image.size}".encode()
+    assert hash_pil_image(image) == hash_media(header + image.tobytes())
+    assert hash_media([b"ab", b"cd"]) == hash_media(b"abcd")
