@@ -292,6 +292,8 @@ def layer_norm(
     out = torch.empty_like(x)
     if rows:
         assert residual is None or (residual.is_contiguous() and residual.shape == x.shape)
+        operands = (x, weight, bias) if residual is None else (x, weight, bias, residual)
+        assert all(t.data_ptr() % 16 == 0 for t in operands), "16-byte vectors"
         per_vector = 16 // x.element_size()
         vecs = next(v for v in LAYER_NORM_VECS if 32 * v * per_vector >= hidden)
         args = [
