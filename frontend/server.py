@@ -349,12 +349,14 @@ class Frontend:
         data = dict((mm_hash, raw) for raw, mm_hash in loaded)
         results: dict[str, PreprocessResult] = {}
         # Preprocess what the GPU worker does not hold; loop, since an item held when checked
-        # may be evicted while we wait for another one.
+        # may be evicted while we wait for another one. The mirror check and the job lookup run
+        # in one step, with no await between: otherwise a request that put the item in the
+        # mirror and retired its job in between would leave this one starting a second job.
         while missing := {
             h for h in hashes if h not in results and self.mirror.num_tokens(h) is None
         }:
-            done = await asyncio.gather(*(self._preprocess(h, data[h]) for h in missing))
-            results.update(zip(missing, done, strict=True))
+            jobs = [asyncio.shield(self._preprocess_job(h, data[h])) for h in missing]
+            results.update(zip(missing, await asyncio.gather(*jobs), strict=True))
         try:
             self._send(identity, engine_id, msg, text, add_special, hashes, results)
         finally:
@@ -406,14 +408,15 @@ class Frontend:
             AddRequest(request=request, feature_epoch=self.mirror.epoch),
         )
 
-    async def _preprocess(self, mm_hash: str, data: bytes) -> PreprocessResult:
-        """One preprocessing job per hash, shared by every request that waits for it."""
+    def _preprocess_job(self, mm_hash: str, data: bytes) -> "asyncio.Future[PreprocessResult]":
+        """The one preprocessing job of a hash, shared by every request that waits for it
+        (shielded by each waiter, so a waiter that gives up does not cancel it for the rest)."""
         job = self._inflight_jobs.get(mm_hash)
         if job is None:
             job = asyncio.ensure_future(self._run_job(data))
             self._inflight_jobs[mm_hash] = job
             job.add_done_callback(lambda j: self._on_job_done(mm_hash, j))
-        return await asyncio.shield(job)
+        return job
 
     def _on_job_done(self, mm_hash: str, job: "asyncio.Future[PreprocessResult]") -> None:
         # A failed job is forgotten at once (the next request retries); a successful one stays
