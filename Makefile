@@ -11,7 +11,7 @@ install:
 	@$(PYTHON) -c "import torch, torchvision" 2>/dev/null || $(PIP) install -q $(TORCH_PINS)
 	@# Reinstall unless mm_runtime is this checkout (CI clones elsewhere on the same machine).
 	@# The imports also check that every dependency is there (a checkout may add one).
-	@$(PYTHON) -c "import os, sys, mm_runtime, pytest, hypothesis, ruff, fastapi, uvicorn, \
+	@$(PYTHON) -c "import os, sys, mm_runtime, blake3, pytest, hypothesis, ruff, fastapi, uvicorn, \
 		prometheus_client, openai, schemathesis; \
 		sys.exit(os.path.dirname(mm_runtime.__file__) != os.getcwd())" 2>/dev/null \
 		|| $(PIP) install -q -e ".[test]"

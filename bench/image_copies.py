@@ -11,7 +11,6 @@ and 16 threads (16 with torch at one intra-op thread).
 """
 
 import argparse
-import hashlib
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -25,6 +24,7 @@ from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
 from mm_runtime.frontend.media import hash_pil_image
 from mm_runtime.preprocess_worker.processors import ImageProcessor
+from mm_runtime.shared.hashing import hash_media
 from mm_runtime.shared.model_info import ModelInfo
 
 
@@ -64,7 +64,7 @@ def main() -> None:
 
     def with_copies() -> object:  # the code before 6e8d844
         header = f"{image.mode}:{image.size}".encode()
-        digest = hashlib.sha256(header + image.tobytes()).hexdigest()
+        digest = hash_media(header + image.tobytes())  # the product's hash, over a joined copy
         chw = torch.from_numpy(np.array(image)).permute(2, 0, 1)
         resized = tvF.resize(chw, [height_out, width_out], interpolation=mode, antialias=True)
         return digest, resized.unsqueeze(0).contiguous()

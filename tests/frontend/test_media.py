@@ -174,7 +174,7 @@ def test_same_bytes_same_hash_whatever_the_source(media_dir: Path) -> None:
     }
     assert len(hashes) == 1
     (digest,) = hashes
-    assert len(digest) == 64 and int(digest, 16) >= 0  # a full sha256 hex digest
+    assert len(digest) == 64 and int(digest, 16) >= 0  # a full 256-bit hex digest
 
 
 def test_different_images_different_hashes() -> None:
