@@ -1,5 +1,7 @@
 """Turns one media item into the tensors its encoder takes: decode (Pillow), then the model's HF
-processor up to its last integer step: the resized (and cropped) image as uint8.
+processor up to its last integer step: the resized (and cropped) image as uint8. Qwen2-VL's
+resize itself runs on the GPU worker (shared/image_resize.py): this side ships the decoded image
+and the patch grid, which fixes the size.
 
 The processor's rescale, normalize and (Qwen2-VL) patchify are elementwise or pure data movement,
 so the GPU worker does them on the device (gpu_worker/models/pixels.py) with the same float32
@@ -22,15 +24,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from torchvision.transforms.v2 import functional as tvF
 from transformers import AutoImageProcessor
-from transformers.image_utils import pil_torch_interpolation_mapping
-from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
 from mm_runtime.shared.errors import MediaError, PreprocessError
+from mm_runtime.shared.image_resize import Qwen2VLResize
 from mm_runtime.shared.model_info import ModelInfo
 
-# Qwen2-VL's resize reads the image through a read-only numpy view (no copy); nothing writes it.
+# Qwen2-VL's image is a read-only numpy view of PIL's bytes (no copy); nothing writes it.
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
 
 # What Pillow raises on bad input: unknown format, truncated data, a header that claims more
@@ -68,8 +68,10 @@ def _check_has_pixels(image: Image.Image) -> Image.Image:
 
 @dataclass(frozen=True, slots=True)
 class ProcessedImage:
-    # pixel_values: uint8 [1, channels, height, width], resized (and cropped), not yet rescaled
-    # or normalized; Qwen2-VL adds image_grid_thw [1, 3], the (t, h, w) patch grid.
+    # pixel_values: uint8, not yet rescaled or normalized. LLaVA: [1, channels, height, width],
+    # resized and cropped. Qwen2-VL: [1, height, width, channels], the decoded image (resized
+    # only above max_pixels), and image_grid_thw [1, 3], the (t, h, w) patch grid the GPU worker
+    # resizes it to.
     tensors: dict[str, torch.Tensor]
     num_tokens: int  # encoder output tokens, i.e. placeholder tokens in the prompt
 
@@ -78,6 +80,8 @@ class ImageProcessor:
     def __init__(self, info: ModelInfo) -> None:
         self.info = info
         self.hf_processor = AutoImageProcessor.from_pretrained(info.model_dir)
+        if info.model_type == "qwen2_vl":
+            self.qwen2_vl_resize = Qwen2VLResize.from_processor(self.hf_processor)
 
     def process_bytes(self, data: bytes) -> ProcessedImage:
         """Encoded image bytes -> tensors: what a preprocess worker does with each job."""
@@ -87,7 +91,7 @@ class ImageProcessor:
         """A decoded RGB image (from `decode_image` or `convert_image`) -> tensors."""
         try:
             if self.info.model_type == "qwen2_vl":
-                tensors = self._resize_qwen2_vl(image)
+                tensors = self._qwen2_vl_tensors(image)
             else:  # the HF processor with its float steps off: resize and crop, still uint8
                 out = self.hf_processor(
                     images=[image], return_tensors="pt", do_rescale=False, do_normalize=False
@@ -102,27 +106,16 @@ class ImageProcessor:
             raise PreprocessError(f"the image processor gave {dtype} pixels, not uint8")
         return ProcessedImage(tensors, self.info.num_image_tokens(tensors))
 
-    def _resize_qwen2_vl(self, image: Image.Image) -> dict[str, torch.Tensor]:
-        """Qwen2VLImageProcessor's resize, as it does it (smart_resize's size, torchvision's
-        antialiased resize of the uint8 image), without its patchify: the patches are a
-        reshape of this image, made on the GPU."""
-        hf = self.hf_processor
-        # np.asarray: a read-only view of PIL's one bytes copy of the image, where np.array
-        # copied it again (16 against 5 ms for 1920x1080 on the dev CPU, with the GIL held);
-        # the resize reads it and writes a new tensor.
-        pixels = torch.from_numpy(np.asarray(image)).permute(2, 0, 1)  # [3, height, width]
-        factor = hf.patch_size * hf.merge_size
-        height, width = smart_resize(
-            image.height,
-            image.width,
-            factor=factor,
-            min_pixels=hf.size["shortest_edge"],
-            max_pixels=hf.size["longest_edge"],
-        )
-        if hf.do_resize:
-            mode = pil_torch_interpolation_mapping[hf.resample]
-            pixels = tvF.resize(pixels, [height, width], interpolation=mode, antialias=True)
-        elif (height, width) != (image.height, image.width):
-            raise ValueError(f"do_resize is off and {image.size} is not a multiple of {factor}")
-        grid = torch.tensor([[1, height // hf.patch_size, width // hf.patch_size]])
+    def _qwen2_vl_tensors(self, image: Image.Image) -> dict[str, torch.Tensor]:
+        """The decoded image and the patch grid the processor resizes it to; the resize runs
+        on the encoder's device (shared/image_resize.py says why), except above max_pixels."""
+        # np.asarray: a read-only view of PIL's one bytes copy, already [height, width, channels]
+        # (a CHW copy here cost as much as the resize); nothing writes it.
+        pixels = torch.from_numpy(np.asarray(image))
+        height, width = self.qwen2_vl_resize.target_size(image.height, image.width)
+        if self.qwen2_vl_resize.ships_resized(image.height, image.width):
+            chw = self.qwen2_vl_resize.resize(pixels.permute(2, 0, 1), (height, width))
+            pixels = chw.permute(1, 2, 0)
+        patch = self.qwen2_vl_resize.patch_size
+        grid = torch.tensor([[1, height // patch, width // patch]])
         return {"pixel_values": pixels.unsqueeze(0).contiguous(), "image_grid_thw": grid}

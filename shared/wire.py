@@ -81,11 +81,13 @@ class MMItem(msgspec.Struct, kw_only=True):
     """One preprocessed media item of a request.
 
     `tensors` are the HF processor's outputs for this item alone, up to its last integer step:
-    `pixel_values` is the resized (and cropped) image, uint8 [1, channels, height, width], which
-    the GPU worker rescales, normalizes and patchifies on the device (gpu_worker/models/pixels.py),
-    and Qwen2-VL adds `image_grid_thw`; `mm_hash` keys the encoder cache, the prefix cache and the
-    feature cache. On the frontend -> GPU worker channel, `tensors` is None for a feature-cache
-    hit: the GPU worker fills it from its cache on arrival (DESIGN.md section 3).
+    `pixel_values` is a uint8 image, which the GPU worker rescales, normalizes and patchifies on
+    the device (gpu_worker/models/pixels.py). LLaVA's is resized and cropped, [1, channels,
+    height, width]; Qwen2-VL's is the decoded image, [1, height, width, channels], resized on the
+    device to `image_grid_thw`'s size (shared/image_resize.py; one over max_pixels comes
+    resized). `mm_hash` keys the encoder cache, the prefix cache and the feature cache. On the
+    frontend -> GPU worker channel, `tensors` is None for a feature-cache hit: the GPU worker
+    fills it from its cache on arrival (DESIGN.md section 3).
     """
 
     modality: str

@@ -48,6 +48,12 @@ class MultimodalModel(nn.Module, ABC):
         """Encoder outputs of each item, [placeholder length, hidden] in the LM's dtype."""
 
     @abstractmethod
+    def encoder_pixels(self, items: list[MMItem], dtype: torch.dtype) -> torch.Tensor:
+        """The items' uint8 images, on the encoder's device, turned into the HF processor's
+        `pixel_values` (what the preprocess worker left undone), in `dtype`; in float32 they are
+        the processor's own (tests/test_pixel_pipeline.py)."""
+
+    @abstractmethod
     def item_length(self, item: MMItem) -> int:
         """Encoder output tokens the item's tensors will give; `InvalidRequest` if malformed."""
 

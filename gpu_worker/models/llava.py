@@ -61,13 +61,16 @@ class LlavaModel(MultimodalModel):
             for i in range(max(1, -(-max_tokens // length)))
         ]
 
+    def encoder_pixels(self, items: list[MMItem], dtype: torch.dtype) -> torch.Tensor:
+        # CLIP images are all the processor's crop size, so one batch serves every item.
+        pixels = torch.cat([item.tensors["pixel_values"] for item in items])  # uint8
+        device = self.multi_modal_projector.linear_1.weight.device
+        return self.pixel_normalizer(pixels.to(device)).to(dtype)
+
     def encode(self, items: list[MMItem]) -> list[torch.Tensor]:
         if not items:
             return []
-        weight = self.multi_modal_projector.linear_1.weight
-        # CLIP images are all the processor's crop size, so one batch serves every item.
-        pixels = torch.cat([item.tensors["pixel_values"] for item in items])  # uint8
-        pixels = self.pixel_normalizer(pixels.to(weight.device)).to(weight.dtype)
+        pixels = self.encoder_pixels(items, self.multi_modal_projector.linear_1.weight.dtype)
         out = self.vision_tower(pixels, output_hidden_states=True, return_dict=True)
         layers = self.config.vision_feature_layer
         layers = [layers] if isinstance(layers, int) else list(layers)

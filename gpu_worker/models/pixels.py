@@ -25,6 +25,7 @@ class PixelNormalizer:
             hf = AutoImageProcessor.from_pretrained(model_dir)
         except (OSError, ValueError) as e:
             raise ConfigError(f"cannot load the image processor of {model_dir}: {e}") from e
+        self.hf_processor = hf  # its other settings (Qwen2-VL's resize) are read from here
         self.do_rescale = bool(hf.do_rescale)
         self.do_normalize = bool(hf.do_normalize)
         self.rescale_factor = float(hf.rescale_factor)

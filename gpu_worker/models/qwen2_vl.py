@@ -17,12 +17,13 @@ import torch
 from transformers import PretrainedConfig
 
 from mm_runtime.gpu_worker.layers.attention import AttentionBackend
-from mm_runtime.gpu_worker.models.base import MultimodalModel, item_image, item_tensor
+from mm_runtime.gpu_worker.models.base import MultimodalModel, item_tensor
 from mm_runtime.gpu_worker.models.pixels import patchify
 from mm_runtime.gpu_worker.models.qwen2_vl_vision import Qwen2VisionTransformer
 from mm_runtime.gpu_worker.request import Request
 from mm_runtime.gpu_worker.scheduler import ScheduledRequest
 from mm_runtime.shared.errors import InvalidRequest
+from mm_runtime.shared.image_resize import Qwen2VLResize
 from mm_runtime.shared.model_info import num_image_tokens
 from mm_runtime.shared.wire import MMItem, PlaceholderRange
 
@@ -62,6 +63,7 @@ class Qwen2VLModel(MultimodalModel):
         super().__init__(config, backend)
         self.visual = Qwen2VisionTransformer(config.vision_config)
         self.spatial_merge_size: int = config.vision_config.spatial_merge_size
+        self.resize = Qwen2VLResize.from_processor(self.pixel_normalizer.hf_processor)
 
     def item_length(self, item: MMItem) -> int:
         vision = self.config.vision_config
@@ -71,8 +73,31 @@ class Qwen2VLModel(MultimodalModel):
         t, h, w = (int(x) for x in grid[0])
         if t != 1 or min(h, w) < 1 or h % self.spatial_merge_size or w % self.spatial_merge_size:
             raise InvalidRequest(f"image_grid_thw {[t, h, w]} is not a valid patch grid")
-        patch = vision.patch_size
-        item_image(item, (1, vision.in_channels, h * patch, w * patch))
+        size = (h * vision.patch_size, w * vision.patch_size)
+        pixels = item_tensor(item, "pixel_values", 4)  # [1, height, width, channels]
+        _, height, width, channels = pixels.shape
+        if (
+            pixels.dtype != torch.uint8
+            or pixels.shape[0] != 1
+            or channels != vision.in_channels
+            or min(height, width) < 1
+        ):
+            raise InvalidRequest(
+                f"pixel_values of shape {tuple(pixels.shape)} ({pixels.dtype}), expected "
+                f"(1, height, width, {vision.in_channels}) uint8"
+            )
+        # The preprocess worker's two cases: an image to be resized here, or one it resized.
+        try:
+            fits = not self.resize.ships_resized(height, width) and size == (
+                self.resize.target_size(height, width)
+            )
+        except ValueError:
+            fits = False
+        if not fits and (height, width) != size:
+            raise InvalidRequest(
+                f"pixel_values of shape {tuple(pixels.shape)} do not resize to image_grid_thw "
+                f"{[t, h, w]}"
+            )
         return num_image_tokens(self.config, item.tensors)
 
     def dummy_encoder_items(self, max_tokens: int) -> list[MMItem]:
@@ -106,8 +131,10 @@ class Qwen2VLModel(MultimodalModel):
         return side, max(1, -(-min_pixels // (factor * factor * side)))
 
     def _dummy_item(self, index: int, offset: int, grid_h: int, grid_w: int) -> MMItem:
+        # At the grid's size, so not resized: the resize's buffers are freed before the ViT
+        # reaches its peak, and the profile measures the peak.
         vision = self.config.vision_config
-        shape = (1, vision.in_channels, grid_h * vision.patch_size, grid_w * vision.patch_size)
+        shape = (1, grid_h * vision.patch_size, grid_w * vision.patch_size, vision.in_channels)
         tensors = {
             "pixel_values": torch.zeros(shape, dtype=torch.uint8),
             "image_grid_thw": torch.tensor([[1, grid_h, grid_w]]),
@@ -120,23 +147,28 @@ class Qwen2VLModel(MultimodalModel):
             tensors=tensors,
         )
 
+    def encoder_pixels(self, items: list[MMItem], dtype: torch.dtype) -> torch.Tensor:
+        device = next(self.visual.parameters()).device
+        vision = self.config.vision_config
+        patches = []
+        for it in items:
+            _, h, w = (int(x) for x in it.tensors["image_grid_thw"][0])
+            image = it.tensors["pixel_values"][0].to(device).permute(2, 0, 1)  # [C, H, W]
+            image = self.resize.resize(image, (h * vision.patch_size, w * vision.patch_size))
+            # Normalized in float32, as the processor does it, then in `dtype` for the patch
+            # copy, which is pure data movement (half the bytes in bf16).
+            pixels = self.pixel_normalizer(image.unsqueeze(0)).to(dtype)
+            patches.append(
+                patchify(
+                    pixels, vision.patch_size, self.spatial_merge_size, vision.temporal_patch_size
+                )
+            )
+        return torch.cat(patches) if len(patches) > 1 else patches[0]
+
     def encode(self, items: list[MMItem]) -> list[torch.Tensor]:
         if not items:
             return []
-        param = next(self.visual.parameters())
-        vision = self.config.vision_config
-        # Each image normalized (float32, as the processor does it), then in the ViT's dtype
-        # for the patch copy, which is pure data movement (half the bytes on the GPU).
-        patches = [
-            patchify(
-                self.pixel_normalizer(it.tensors["pixel_values"].to(param.device)).to(param.dtype),
-                vision.patch_size,
-                self.spatial_merge_size,
-                vision.temporal_patch_size,
-            )
-            for it in items
-        ]
-        pixels = torch.cat(patches) if len(patches) > 1 else patches[0]
+        pixels = self.encoder_pixels(items, next(self.visual.parameters()).dtype)
         grids = [tuple(int(x) for x in it.tensors["image_grid_thw"][0]) for it in items]
         merged = self.visual(pixels, grids)  # [tokens, hidden]
         return list(merged.split([t * h * w // self.spatial_merge_size**2 for t, h, w in grids]))

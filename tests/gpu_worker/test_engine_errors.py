@@ -227,7 +227,7 @@ def vocab_size(s: Served) -> int:
 
 
 def shrink_pixel_values(req: EngineRequest) -> None:
-    tensors = req.mm_items[0].tensors  # pixel_values: uint8 [1, channels, height, width]
+    tensors = req.mm_items[0].tensors  # LLaVA [1, C, H, W]; Qwen2-VL [1, H, W, C]
     tensors["pixel_values"] = tensors["pixel_values"][..., :28, :28].contiguous()
 
 
@@ -255,6 +255,22 @@ def unmergeable_grid(req: EngineRequest) -> None:
     t, h, _ = (int(x) for x in tensors["image_grid_thw"][0])
     tensors["image_grid_thw"] = torch.tensor([[t, h, 3]])
     tensors["pixel_values"] = tensors["pixel_values"][..., : 3 * 14].contiguous()
+
+
+def crop_unresized_image(req: EngineRequest) -> None:
+    """Qwen2-VL: half the decoded image with the whole one's grid (40 x 20 resizes to 84 x 56,
+    not to the 56 x 56 of the grid)."""
+    tensors = req.mm_items[0].tensors  # pixel_values: uint8 [1, height, width, channels]
+    tensors["pixel_values"] = tensors["pixel_values"][:, :, :20].contiguous()
+
+
+def unresized_image_above_max_pixels(req: EngineRequest) -> None:
+    """Qwen2-VL: an image over max_pixels (the tiny model's 224 x 224) sent unresized with the
+    grid it resizes to (smart_resize: 300 x 250 -> 224 x 196); the preprocess worker resizes
+    such images itself, so the GPU worker never resizes more pixels than max_pixels."""
+    tensors = req.mm_items[0].tensors
+    tensors["pixel_values"] = torch.zeros(1, 300, 250, 3, dtype=torch.uint8)
+    tensors["image_grid_thw"] = torch.tensor([[1, 16, 14]])
 
 
 def float_pixel_values(req: EngineRequest) -> None:
@@ -406,6 +422,18 @@ BAD_INPUTS = [
         "video_grid_on_image_pixels",
         add_tampered(two_frame_grid),
         r"image_grid_thw \[2, .* is not a valid patch grid",
+        archs=("qwen2_vl",),
+    ),
+    invalid(
+        "pixels_not_resizing_to_the_grid",
+        add_tampered(crop_unresized_image),
+        r"pixel_values of shape \(1, 40, 20, 3\) do not resize to image_grid_thw \[1, 4, 4\]",
+        archs=("qwen2_vl",),
+    ),
+    invalid(
+        "unresized_pixels_over_max_pixels",
+        add_tampered(unresized_image_above_max_pixels),
+        r"pixel_values of shape \(1, 300, 250, 3\) do not resize to image_grid_thw",
         archs=("qwen2_vl",),
     ),
     invalid(

@@ -127,3 +127,19 @@ def test_process_bytes_equals_processing_the_decoded_image(
             assert torch.equal(tensor, from_image.tensors[key]), key
     with pytest.raises(MediaError, match="cannot decode image"):
         processor.process_bytes(b"hello world")
+
+
+def test_qwen2_vl_ships_the_decoded_image_up_to_max_pixels(tiny_models: dict[str, Path]) -> None:
+    """Qwen2-VL's resize runs on the GPU worker: an image within max_pixels (the tiny model's is
+    224 x 224) travels as decoded, [1, height, width, 3], with the grid it resizes to; a larger
+    one is resized here, to that grid's size."""
+    processor = ImageProcessor(ModelInfo.from_model_dir(tiny_models["qwen2_vl"]))
+    small = random_image(150, 100, seed=4)
+    tensors = processor(small).tensors
+    assert torch.equal(tensors["pixel_values"][0], torch.from_numpy(np.asarray(small)))
+    assert tensors["image_grid_thw"].tolist() == [[1, 8, 10]]  # 112 x 140 in 14-pixel patches
+    large = random_image(300, 250, seed=5)
+    tensors = processor(large).tensors
+    _, grid_h, grid_w = tensors["image_grid_thw"][0].tolist()
+    assert tensors["pixel_values"].shape == (1, grid_h * 14, grid_w * 14, 3)
+    assert grid_h * grid_w * 14 * 14 <= 224 * 224 < 300 * 250

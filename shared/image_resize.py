@@ -1,0 +1,74 @@
+"""Qwen2-VL's image resize, the one both sides run: the preprocess worker decides the size and
+the patch grid (preprocess_worker/processors.py), the GPU worker resizes
+(gpu_worker/models/qwen2_vl.py).
+
+The steps are the HF processor's own (`Qwen2VLImageProcessor`): smart_resize's size (multiples
+of patch x merge, within min_pixels and max_pixels), then torchvision's antialiased resize of
+the uint8 image, rounded back to uint8. Run where it is cheapest: on the encoder's device it is a
+few small kernels, where a core of the dev box spends 19 ms on a 1920x1080 image. So the
+preprocess worker ships the decoded image (uint8 [height, width, channels], the layout Pillow
+decodes to: no transposing copy) with the grid it is to be resized to. An image of more than
+max_pixels is resized by the preprocess worker instead, so no item ships more pixels than the
+processor's largest output. On the CPU the result is the processor's bit for bit (the same call
+on the same tensor); torchvision resizes on CUDA in float32 and rounds, which may differ by one
+level.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2 import functional as tvF
+from transformers.image_utils import pil_torch_interpolation_mapping
+from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+
+@dataclass(frozen=True, slots=True)
+class Qwen2VLResize:
+    patch_size: int
+    factor: int  # image pixels per merged token along each side: patch_size * merge_size
+    min_pixels: int
+    max_pixels: int
+    do_resize: bool
+    interpolation: InterpolationMode
+
+    @classmethod
+    def from_processor(cls, hf: object) -> "Qwen2VLResize":
+        """From a loaded `Qwen2VLImageProcessor` (transformers 5 keeps min/max_pixels in `size`)."""
+        return cls(
+            patch_size=hf.patch_size,  # type: ignore[attr-defined]
+            factor=hf.patch_size * hf.merge_size,  # type: ignore[attr-defined]
+            min_pixels=hf.size["shortest_edge"],  # type: ignore[attr-defined]
+            max_pixels=hf.size["longest_edge"],  # type: ignore[attr-defined]
+            do_resize=bool(hf.do_resize),  # type: ignore[attr-defined]
+            interpolation=pil_torch_interpolation_mapping[hf.resample],  # type: ignore[attr-defined]
+        )
+
+    def target_size(self, height: int, width: int) -> tuple[int, int]:
+        """(height, width) the processor gives an image of this size; `ValueError` for one it
+        refuses (an aspect ratio over 200, or a size it cannot keep with do_resize off)."""
+        if not self.do_resize:
+            if height % self.factor or width % self.factor:
+                raise ValueError(
+                    f"do_resize is off and {width}x{height} is no multiple of {self.factor}"
+                )
+            return height, width
+        size = smart_resize(
+            height,
+            width,
+            factor=self.factor,
+            min_pixels=self.min_pixels,
+            max_pixels=self.max_pixels,
+        )
+        return int(size[0]), int(size[1])
+
+    def ships_resized(self, height: int, width: int) -> bool:
+        """Whether the preprocess worker resizes this image itself (more than max_pixels)."""
+        return height * width > self.max_pixels
+
+    def resize(self, image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """uint8 [channels, height, width] (any strides) -> uint8 [channels, *size]; the image
+        itself when it has that size already."""
+        if tuple(image.shape[-2:]) == size:
+            return image
+        return tvF.resize(image, list(size), interpolation=self.interpolation, antialias=True)
