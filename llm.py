@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
@@ -163,7 +164,7 @@ class LLM:
 
     def _process_images(self, images: list[ImageRef]) -> list[tuple[str, ProcessedImage]]:
         loaded = [_load_image(image) for image in images]  # all, before any processing
-        return [(mm_hash, self.image_processor(image)) for image, mm_hash in loaded]
+        return [(mm_hash, self.image_processor(image, pixels)) for image, pixels, mm_hash in loaded]
 
     # ---- public API ----
 
@@ -256,14 +257,16 @@ class LLM:
         return True
 
 
-def _load_image(source: object) -> tuple[Image.Image, str]:
-    """One image of a prompt -> (RGB image, mm_hash): the frontend's loading and hashing, then
-    the preprocess worker's decoding. A PIL image is hashed over its (RGB) pixels."""
+def _load_image(source: object) -> tuple[Image.Image, np.ndarray | None, str]:
+    """One image of a prompt -> (RGB image, its pixels if read already, mm_hash): the frontend's
+    loading and hashing, then the preprocess worker's decoding. A PIL image is hashed over its
+    (RGB) pixels, which the processor then reads from the same copy of PIL's bytes."""
     if isinstance(source, Image.Image):
         image = convert_image(source)
-        return image, hash_pil_image(image)
+        pixels = np.asarray(image)
+        return image, pixels, hash_pil_image(image, pixels)
     data, mm_hash = load_image_bytes(source)  # type: ignore[arg-type]  # it names a bad type
-    return decode_image(data), mm_hash
+    return decode_image(data), None, mm_hash
 
 
 def _split_prompt(prompt: Prompt) -> tuple[str, list[ImageRef]]:

@@ -68,12 +68,13 @@ def load_image_bytes(
     return data, hash_media(data)
 
 
-def hash_pil_image(image: Image.Image) -> str:
+def hash_pil_image(image: Image.Image, pixels: np.ndarray | None = None) -> str:
     """The mm_hash of an image given as pixels: over mode, size and the raw pixel bytes (the size
     is in the header so one buffer laid out in two shapes hashes apart). Hash the image exactly
-    as it will be processed (the `LLM` passes the RGB conversion)."""
+    as it will be processed (the `LLM` passes the RGB conversion). `pixels`: `np.asarray(image)`
+    when the caller has it already (each call copies PIL's bytes)."""
     header = f"{image.mode}:{image.size}".encode()
-    return hash_media([header, np.asarray(image)])  # the pixels as PIL's one bytes copy
+    return hash_media([header, np.asarray(image) if pixels is None else pixels])
 
 
 def _data_url_bytes(url: str) -> bytes:

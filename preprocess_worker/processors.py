@@ -51,10 +51,12 @@ def decode_image(data: bytes) -> Image.Image:
 
 
 def convert_image(image: Image.Image) -> Image.Image:
-    """A PIL image given in-process (the offline `LLM`) -> RGB. A lazily opened image
+    """A PIL image given in-process (the offline `LLM`) -> RGB: the image itself if it is RGB
+    already (`convert` would copy it), else a converted copy. A lazily opened image
     (`Image.open`) decodes here, so a truncated file fails now."""
     try:
-        rgb = image.convert("RGB")
+        image.load()
+        rgb = image if image.mode == "RGB" else image.convert("RGB")
     except _DECODE_ERRORS as e:
         raise MediaError(f"cannot decode image ({image.width}x{image.height}): {e}") from e
     return _check_has_pixels(rgb)
@@ -87,11 +89,12 @@ class ImageProcessor:
         """Encoded image bytes -> tensors: what a preprocess worker does with each job."""
         return self(decode_image(data))
 
-    def __call__(self, image: Image.Image) -> ProcessedImage:
-        """A decoded RGB image (from `decode_image` or `convert_image`) -> tensors."""
+    def __call__(self, image: Image.Image, pixels: np.ndarray | None = None) -> ProcessedImage:
+        """A decoded RGB image (from `decode_image` or `convert_image`) -> tensors. `pixels`:
+        `np.asarray(image)` when the caller has it already (each call copies PIL's bytes)."""
         try:
             if self.info.model_type == "qwen2_vl":
-                tensors = self._qwen2_vl_tensors(image)
+                tensors = self._qwen2_vl_tensors(image, pixels)
             else:  # the HF processor with its float steps off: resize and crop, still uint8
                 out = self.hf_processor(
                     images=[image], return_tensors="pt", do_rescale=False, do_normalize=False
@@ -106,12 +109,14 @@ class ImageProcessor:
             raise PreprocessError(f"the image processor gave {dtype} pixels, not uint8")
         return ProcessedImage(tensors, self.info.num_image_tokens(tensors))
 
-    def _qwen2_vl_tensors(self, image: Image.Image) -> dict[str, torch.Tensor]:
+    def _qwen2_vl_tensors(
+        self, image: Image.Image, array: np.ndarray | None
+    ) -> dict[str, torch.Tensor]:
         """The decoded image and the patch grid the processor resizes it to; the resize runs
         on the encoder's device (shared/image_resize.py says why), except above max_pixels."""
         # np.asarray: a read-only view of PIL's one bytes copy, already [height, width, channels]
         # (a CHW copy here cost as much as the resize); nothing writes it.
-        pixels = torch.from_numpy(np.asarray(image))
+        pixels = torch.from_numpy(np.asarray(image) if array is None else array)
         height, width = self.qwen2_vl_resize.target_size(image.height, image.width)
         if self.qwen2_vl_resize.ships_resized(image.height, image.width):
             chw = self.qwen2_vl_resize.resize(pixels.permute(2, 0, 1), (height, width))
