@@ -66,6 +66,16 @@ class Qwen2VLResize:
         """Whether the preprocess worker resizes this image itself (more than max_pixels)."""
         return height * width > self.max_pixels
 
+    def ships_as(self, height: int, width: int, size: tuple[int, int]) -> bool:
+        """Whether the preprocess worker ships an image of height x width for one the processor
+        resizes to `size`: one it resized (over max_pixels), or one for the GPU worker to resize."""
+        if (height, width) == size:
+            return True
+        try:
+            return not self.ships_resized(height, width) and self.target_size(height, width) == size
+        except ValueError:  # a size the processor refuses
+            return False
+
     def resize(self, image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """uint8 [channels, height, width] (any strides) -> uint8 [channels, *size]; the image
         itself when it has that size already."""

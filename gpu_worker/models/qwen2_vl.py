@@ -86,14 +86,7 @@ class Qwen2VLModel(MultimodalModel):
                 f"pixel_values of shape {tuple(pixels.shape)} ({pixels.dtype}), expected "
                 f"(1, height, width, {vision.in_channels}) uint8"
             )
-        # The preprocess worker's two cases: an image to be resized here, or one it resized.
-        try:
-            fits = not self.resize.ships_resized(height, width) and size == (
-                self.resize.target_size(height, width)
-            )
-        except ValueError:
-            fits = False
-        if not fits and (height, width) != size:
+        if not self.resize.ships_as(height, width, size):
             raise InvalidRequest(
                 f"pixel_values of shape {tuple(pixels.shape)} do not resize to image_grid_thw "
                 f"{[t, h, w]}"
