@@ -11,7 +11,9 @@ noise), so PNG and JPEG sizes resemble photos rather than incompressible noise.
 
 The default models are the tiny Qwen2-VL and LLaVA demo models: their processors resize like the
 real ones but to small targets (Qwen2-VL: at most 64 merged tokens; LLaVA: 42x42), so decode
-dominates; pass --model DIR for a real model's processor.
+dominates; pass --model DIR for a real model's processor. Qwen2-VL's resize runs on the GPU
+worker for images up to the processor's max_pixels (shared/image_resize.py), so with a real
+Qwen2-VL model this times decoding and the copy of the pixels only.
 
     python bench/preprocess.py
     python bench/preprocess.py --model /models/Qwen2-VL-2B-Instruct --sizes 1024 --json out.json
