@@ -52,7 +52,8 @@ class PromptBuilder:
         if isinstance(prompt, list):
             if num_tokens_per_image:
                 raise InvalidRequest("a prompt of token ids cannot carry images")
-            return prompt, self._placeholder_ranges(prompt, [])
+            self._check_image_tokens(prompt.count(self.info.image_token_id), 0)
+            return prompt, []
         token = self.info.image_token
         parts = prompt.split(token)
         if len(parts) - 1 != len(num_tokens_per_image):
@@ -67,33 +68,29 @@ class PromptBuilder:
         # ms, on the frontend's event loop).
         ids = self.tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"]
         image_token_id = self.info.image_token_id
+        self._check_image_tokens(ids.count(image_token_id), len(num_tokens_per_image))
+        # The ranges are found while expanding (one run per image token of `ids`), not by
+        # scanning the expanded ids (0.55 ms a prompt of bench/offline.py's mix on the dev box).
         counts = iter(num_tokens_per_image)
         expanded: list[int] = []
+        ranges: list[PlaceholderRange] = []
         for t in ids:
             if t == image_token_id:
-                expanded.extend([t] * next(counts, 1))
+                n = next(counts)
+                ranges.append(PlaceholderRange(len(expanded), n))
+                expanded.extend([t] * n)
             else:
                 expanded.append(t)
-        return expanded, self._placeholder_ranges(expanded, num_tokens_per_image)
+        return expanded, ranges
 
-    def _placeholder_ranges(
-        self, ids: list[int], num_tokens_per_image: list[int]
-    ) -> list[PlaceholderRange]:
-        positions = [i for i, t in enumerate(ids) if t == self.info.image_token_id]
-        if len(positions) != sum(num_tokens_per_image):
+    def _check_image_tokens(self, found: int, expected: int) -> None:
+        """Image tokens in the tokenized prompt: one per image, none written outside."""
+        if found != expected:
             raise InvalidRequest(
-                f"the prompt holds {len(positions)} image tokens, expected "
-                f"{sum(num_tokens_per_image)}: do not write the image token outside placeholders",
+                f"the prompt holds {found} image tokens, expected {expected}: do not write "
+                "the image token outside placeholders",
                 code="placeholder_mismatch",
             )
-        ranges, cursor = [], 0
-        for n in num_tokens_per_image:
-            start = positions[cursor]
-            if positions[cursor + n - 1] != start + n - 1:
-                raise InvalidRequest("an image placeholder was split by the tokenizer")
-            ranges.append(PlaceholderRange(start, n))
-            cursor += n
-        return ranges
 
     def apply_chat_template(
         self, messages: Iterable[dict[str, Any]], add_generation_prompt: bool = True

@@ -248,3 +248,15 @@ def test_chat_without_template(frontend: Frontend) -> None:
     builder.chat_template = None
     with pytest.raises(InvalidRequest, match="no chat template"):
         builder.apply_chat_template([{"role": "user", "content": "hi"}])
+
+
+def test_token_id_prompts_are_taken_as_they_are(frontend: Frontend) -> None:
+    """A prompt of token ids carries no images, so an image token in it is refused: no image
+    would fill its place."""
+    ids = frontend.prompts.tokenizer("Hello there")["input_ids"]
+    assert frontend.prompts.tokenize(ids, []) == (ids, [])
+    with pytest.raises(InvalidRequest, match="cannot carry images"):
+        frontend.prompts.tokenize(ids, [4])
+    with pytest.raises(InvalidRequest, match="holds 1 image tokens, expected 0") as info:
+        frontend.prompts.tokenize([*ids, frontend.info.image_token_id], [])
+    assert info.value.code == "placeholder_mismatch"
