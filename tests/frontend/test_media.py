@@ -252,4 +252,5 @@ def test_pil_hash_is_the_header_and_pixel_bytes_hashed_as_one(mode: str) -> None
     image = IMAGE.convert(mode)
     header = f"{image.mode}:{image.size}".encode()
     assert hash_pil_image(image) == hash_media(header + image.tobytes())
+    assert hash_pil_image(image, np.asarray(image)) == hash_pil_image(image)  # the LLM's reuse
     assert hash_media([b"ab", b"cd"]) == hash_media(b"abcd")
