@@ -13,24 +13,19 @@ import argparse
 import statistics
 
 import torch
+from transformers import AutoImageProcessor
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
 from workload import IMAGE_SIZES, markdown_table  # bench/ is the script dir on sys.path
 
-from mm_runtime.gpu_worker.models.qwen2_vl import image_processor_settings
 from mm_runtime.gpu_worker.models.qwen2_vl_vision import Qwen2VisionTransformer
+from mm_runtime.shared.image_resize import Qwen2VLResize
 from mm_runtime.shared.model_info import ModelInfo
 
 
-def patch_grid(width: int, height: int, settings: dict, config: object) -> tuple[int, int, int]:
+def patch_grid(width: int, height: int, resize: Qwen2VLResize) -> tuple[int, int, int]:
     """The (t, h, w) patch grid the Qwen2-VL processor makes of an image (smart_resize)."""
-    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
-
-    size = settings.get("size") or {}
-    min_pixels = settings.get("min_pixels") or size.get("shortest_edge") or 56 * 56
-    max_pixels = settings.get("max_pixels") or size.get("longest_edge") or 28 * 28 * 1280
-    factor = config.patch_size * config.spatial_merge_size
-    h, w = smart_resize(height, width, factor, min_pixels, max_pixels)
-    return (1, h // config.patch_size, w // config.patch_size)
+    h, w = resize.target_size(height, width)
+    return (1, h // resize.patch_size, w // resize.patch_size)
 
 
 def flops(grids: list[tuple[int, int, int]], config: object, params: int) -> float:
@@ -61,7 +56,7 @@ def main() -> None:
     config = ModelInfo.from_model_dir(args.model).hf_config.vision_config
     config._attn_implementation = "sdpa"  # as from_pretrained picks on a GPU without flash-attn
     config.dtype = torch.bfloat16
-    settings = image_processor_settings(args.model)
+    resize = Qwen2VLResize.from_processor(AutoImageProcessor.from_pretrained(args.model))
     torch.manual_seed(0)
     with torch.device("cuda"):
         theirs = Qwen2VisionTransformerPretrainedModel._from_config(config).eval()
@@ -73,8 +68,8 @@ def main() -> None:
     num_params = sum(p.numel() for p in ours.parameters())
     patch_dim = config.in_channels * config.temporal_patch_size * config.patch_size**2
 
-    cases = [(f"{w}x{h}", [patch_grid(w, h, settings, config)]) for w, h in IMAGE_SIZES]
-    mixed = [patch_grid(w, h, settings, config) for w, h in IMAGE_SIZES]
+    cases = [(f"{w}x{h}", [patch_grid(w, h, resize)]) for w, h in IMAGE_SIZES]
+    mixed = [patch_grid(w, h, resize) for w, h in IMAGE_SIZES]
     cases.append(("all 7 sizes in one batch", mixed))
     rows = []
     for name, grids in cases:
