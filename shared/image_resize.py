@@ -17,6 +17,7 @@ level.
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as tvF
 from transformers.image_utils import pil_torch_interpolation_mapping
@@ -81,4 +82,23 @@ class Qwen2VLResize:
         itself when it has that size already."""
         if tuple(image.shape[-2:]) == size:
             return image
-        return tvF.resize(image, list(size), interpolation=self.interpolation, antialias=True)
+        if image.device.type == "cpu" or self.interpolation not in _SEPARABLE_MODES:
+            return tvF.resize(image, list(size), interpolation=self.interpolation, antialias=True)
+        return _resize_as_uint8_passes(image, size, _SEPARABLE_MODES[self.interpolation])
+
+
+# The resamplers torch's uint8 CPU kernel runs as two separable passes (horizontal first).
+_SEPARABLE_MODES = {InterpolationMode.BILINEAR: "bilinear", InterpolationMode.BICUBIC: "bicubic"}
+
+
+def _resize_as_uint8_passes(image: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
+    """torch's CPU uint8 resize in float32: the width pass, rounded and clamped to uint8 levels,
+    then the height pass, likewise (an antialiased pass at an unchanged size is skipped, as
+    there; it would be the identity)."""
+    pixels = image.unsqueeze(0).float()
+    height, width = pixels.shape[-2:]
+    for pass_size in ((height, size[1]), size):
+        if tuple(pixels.shape[-2:]) != tuple(pass_size):
+            pixels = F.interpolate(pixels, size=pass_size, mode=mode, antialias=True)
+            pixels = pixels.clamp_(0, 255).round_()
+    return pixels[0].to(torch.uint8)

@@ -1,8 +1,9 @@
 """The image path split between processes: the preprocess worker's uint8 image, resized (Qwen2-VL),
 rescaled, normalized and patchified (Qwen2-VL) by the GPU worker's model, equals the HF
 processor's `pixel_values` bit for bit on the CPU, and so does the patch grid. On CUDA the
-float steps are still bit-equal; Qwen2-VL's resize, which torchvision runs in float32 there, may
-move a pixel by one level."""
+float steps are still bit-equal; Qwen2-VL's resize, run there as float32 passes in place of the
+CPU's fixed-point ones (shared/image_resize.py), may move about 1 % of a noise image's values by
+up to 2 levels."""
 
 import json
 import shutil
@@ -63,8 +64,9 @@ def _check(model_dir: Path, arch: str, device: str) -> None:
         if device == "cpu" or arch != "qwen2_vl":
             assert torch.equal(pixels, expected["pixel_values"]), (width, height)
         else:  # Qwen2-VL's resize on CUDA
-            diff = (pixels - expected["pixel_values"]).abs().max().item()
-            assert diff <= one_level * (1 + 1e-5), (width, height, diff / one_level)
+            levels = (pixels - expected["pixel_values"]).abs() / one_level
+            assert levels.max() <= 2 + 1e-4, (width, height, levels.max().item())
+            assert (levels > 0.5).float().mean() < 0.02, (width, height)
 
 
 @pytest.mark.parametrize("hub_sizes", [False, True], ids=["tiny", "hub"])

@@ -40,3 +40,24 @@ def test_resize_keeps_an_image_of_the_target_size() -> None:
     assert RESIZE.resize(image, (56, 84)) is image
     resized = RESIZE.resize(image, (84, 112))
     assert resized.shape == (3, 84, 112) and resized.dtype == torch.uint8
+
+
+def test_uint8_passes_in_float_stay_within_two_levels_of_the_cpu_kernel() -> None:
+    """The path off the CPU, run here on the CPU's float kernel: width pass, uint8 rounding,
+    height pass, as torch's uint8 kernel does them. A noise image is the worst case: one float
+    pass (torchvision's path on CUDA) lands 20-odd levels away where bicubic overshoots."""
+    from torchvision.transforms.v2 import functional as tvF
+
+    from mm_runtime.shared.image_resize import _resize_as_uint8_passes
+
+    gen = torch.Generator().manual_seed(0)
+    for height, width, size in [(17, 23, (56, 84)), (479, 641, (476, 644)), (37, 1000, (28, 1008))]:
+        image = torch.randint(0, 256, (3, height, width), dtype=torch.uint8, generator=gen)
+        expected = tvF.resize(image, list(size), InterpolationMode.BICUBIC, antialias=True)
+        hwc = image.permute(1, 2, 0).contiguous()  # as shipped: Pillow's layout
+        ours = _resize_as_uint8_passes(hwc.permute(2, 0, 1), size, "bicubic")
+        diff = (ours.int() - expected.int()).abs()
+        assert ours.shape == expected.shape and ours.dtype == torch.uint8
+        assert diff.max() <= 2 and (diff > 0).float().mean() < 0.02, (height, width)
+        one_pass = tvF.resize(image.float(), list(size), InterpolationMode.BICUBIC, antialias=True)
+        assert (one_pass.clamp(0, 255).round() - expected).abs().max() > 10  # what this mends
