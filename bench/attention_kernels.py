@@ -8,7 +8,10 @@
     expanded beforehand and not timed).
 
 Times are medians of CUDA-graph replays timed with CUDA events (launch gaps excluded, as for a
-decode step that runs in a graph); inputs rotate over enough copies to defeat the 50 MB L2.
+decode step that runs in a graph); inputs rotate over enough copies to defeat the 50 MB L2. The
+tile plan (`attention_tiles`) is made beforehand and not timed: the model makes it once a step,
+for all its layers (gpu_worker/layers/cuda_attention.py), so a layer's attention is the kernel
+and, for split contexts, the merge.
 
     python bench/attention_kernels.py [--json bench/results/attention.json]
 """
@@ -77,31 +80,29 @@ def paged_inputs(
     cache = torch.randn(2, num_blocks, BLOCK, num_kv_heads, head_dim, device="cuda").to(dtype)
     starts = torch.tensor([0, *torch.tensor(query_lens).cumsum(0).tolist()], device="cuda")
     q = torch.randn(int(starts[-1]), num_heads, head_dim, device="cuda").to(dtype)
+    tiles = kernels.attention_tiles(starts, q.shape[0], num_heads // num_kv_heads)  # once a step
     return {
         "q": q,
         "kv_cache": cache,
         "query_start_loc": starts,
         "seq_lens": torch.tensor(seq_lens, device="cuda"),
         "block_tables": tables.cuda(),
+        "tiles": tiles,
+        "num_splits": kernels.attention_splits(tiles.shape[0], num_kv_heads, q.device),
     }
 
 
 def run_paged(inputs: dict) -> torch.Tensor:
-    num_kv_heads = inputs["kv_cache"].shape[3]
     q = inputs["q"]
-    tiles = kernels.attention_tiles(
-        inputs["query_start_loc"], q.shape[0], q.shape[1] // num_kv_heads
-    )
-    splits = kernels.attention_splits(tiles.shape[0], num_kv_heads, q.device)
     return kernels.paged_attention(
         q,
         inputs["kv_cache"],
         inputs["query_start_loc"],
         inputs["seq_lens"],
         inputs["block_tables"],
-        tiles,
+        inputs["tiles"],
         q.shape[2] ** -0.5,
-        splits,
+        inputs["num_splits"],
     )
 
 

@@ -171,10 +171,10 @@ __device__ void paged_attention(const AttentionParams& p) {
     }
   };
 
-  if (kv_lo >= kv_hi) {  // an empty split (short context): nothing to add in the merge
-    for (int i = tid; i < ATTN_ROWS * (D / 2); i += ATTN_THREADS) {
-      const int m = i / (D / 2), dim = 2 * (i % (D / 2));
-      store_rows(m, dim, 0.f, 0.f, NEG_INF, dim == 0);
+  if (kv_lo >= kv_hi) {  // an empty split (short context): -inf, which the merge skips
+    for (int m = tid; m < num_rows; m += ATTN_THREADS) {
+      const long token = q0 + tile_start + m / group;
+      p.partial_lse[((long)split * p.num_tokens + token) * p.num_heads + kv_head * group + m % group] = NEG_INF;
     }
     return;
   }
@@ -320,26 +320,65 @@ __device__ void paged_attention(const AttentionParams& p) {
 }
 
 // Combines the splits: out = sum_i 2^(lse_i - max) o_i / sum_i 2^(lse_i - max). One CTA per
-// (token, head), one thread per dim pair.
+// (token, head), one thread per dim. The first warp reads all the splits' log-sum-exps at once
+// and lists the live ones (an empty split, the tail of a short context, has -inf and wrote no
+// output) with their weights in shared memory; each thread's loop over that list then issues
+// independent loads. (A loop reading one split's values after another waited out a memory
+// latency per split: 64 splits of a batch-1 decode cost tens of microseconds a layer.)
+constexpr int MERGE_MAX_SPLITS = 64;  // MAX_SPLITS in gpu_worker/kernels.py
+
 template <typename T>
 __device__ void attention_merge(T* __restrict__ out, const float* __restrict__ partial_out,
                                 const float* __restrict__ partial_lse, int num_splits, int num_tokens,
                                 int num_heads, int head_dim) {
+  __shared__ float weights[MERGE_MAX_SPLITS];
+  __shared__ int live_splits[MERGE_MAX_SPLITS];
+  __shared__ int num_live;
+  __shared__ float weight_sum;
   const long token = blockIdx.x;
   const int head = blockIdx.y;
   const long row = token * num_heads + head, stride = (long)num_tokens * num_heads;
-  float max_lse = NEG_INF;
-  for (int i = 0; i < num_splits; ++i) max_lse = fmaxf(max_lse, partial_lse[i * stride + row]);
-  for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
-    float acc = 0.f, weight_sum = 0.f;
-    for (int i = 0; i < num_splits; ++i) {
-      const float lse = partial_lse[i * stride + row];
-      if (lse == NEG_INF) continue;
-      const float w = exp2f(lse - max_lse);
-      acc += w * partial_out[(i * stride + row) * head_dim + d];
-      weight_sum += w;
+  if (threadIdx.x < 32) {
+    const int lane = threadIdx.x;
+    float lse[MERGE_MAX_SPLITS / 32];
+    float max_lse = NEG_INF;
+#pragma unroll
+    for (int h = 0; h < MERGE_MAX_SPLITS / 32; ++h) {
+      const int i = h * 32 + lane;
+      lse[h] = i < num_splits ? partial_lse[i * stride + row] : NEG_INF;
+      max_lse = fmaxf(max_lse, lse[h]);
     }
-    out[row * head_dim + d] = from_float<T>(acc / weight_sum);
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1)
+      max_lse = fmaxf(max_lse, __shfl_xor_sync(0xffffffff, max_lse, offset));
+    int count = 0;
+    float sum = 0.f;
+#pragma unroll
+    for (int h = 0; h < MERGE_MAX_SPLITS / 32; ++h) {
+      const bool live = lse[h] != NEG_INF;
+      const unsigned ballot = __ballot_sync(0xffffffff, live);
+      if (live) {
+        const int slot = count + __popc(ballot & ((1u << lane) - 1));
+        weights[slot] = exp2f(lse[h] - max_lse);
+        live_splits[slot] = h * 32 + lane;
+        sum += weights[slot];
+      }
+      count += __popc(ballot);
+    }
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) sum += __shfl_xor_sync(0xffffffff, sum, offset);
+    if (lane == 0) {
+      num_live = count;
+      weight_sum = sum;
+    }
+  }
+  __syncthreads();
+  const int live = num_live;
+  for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
+    float acc = 0.f;
+#pragma unroll 8
+    for (int j = 0; j < live; ++j) acc += weights[j] * partial_out[(live_splits[j] * stride + row) * head_dim + d];
+    out[row * head_dim + d] = from_float<T>(weight_sum > 0.f ? acc / weight_sum : 0.f);
   }
 }
 

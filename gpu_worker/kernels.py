@@ -323,7 +323,7 @@ def _num_sms(device: torch.device) -> int:
 ATTN_ROWS = 64  # query rows per CTA; ATTN_ROWS in csrc/attention.cu
 ATTN_THREADS = 128
 ATTN_HEAD_DIMS = (16, 32, 64, 80, 128)
-MAX_SPLITS = 64
+MAX_SPLITS = 64  # MERGE_MAX_SPLITS in csrc/attention.cu
 
 
 class _AttentionParams(ctypes.Structure):
