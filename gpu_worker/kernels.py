@@ -231,6 +231,42 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch
         KERNELS.launch(name, (num_tokens, 1, 1), (_threads(num_heads * half), 1, 1), args)
 
 
+def rotary_kv_cache(
+    qkv: torch.Tensor,  # [num_tokens, (num_heads + 2 * num_kv_heads) * head_dim]
+    cos: torch.Tensor,  # [num_tokens, head_dim / 2], as RotaryEmbedding.prepare gives on CUDA
+    sin: torch.Tensor,
+    kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
+    slot_mapping: torch.Tensor,  # [num_tokens] int64; negative: padding, no K/V written
+    num_heads: int,
+) -> torch.Tensor:
+    """q rotated [num_tokens, num_heads, head_dim]; k rotated and v written to the cache: the
+    CUDA twin of RotaryEmbedding.apply then write_kv_cache, from the fused QKV projection."""
+    num_tokens = qkv.shape[0]
+    num_kv_heads, head_dim = kv_cache.shape[3], kv_cache.shape[4]
+    assert qkv.is_contiguous() and kv_cache.is_contiguous() and qkv.dtype == kv_cache.dtype
+    assert qkv.shape[1] == (num_heads + 2 * num_kv_heads) * head_dim and head_dim % 2 == 0
+    assert cos.shape == sin.shape == (num_tokens, head_dim // 2) and cos.dtype == qkv.dtype
+    assert cos.is_contiguous() and sin.is_contiguous() and slot_mapping.dtype == torch.int64
+    q = torch.empty(num_tokens, num_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
+    if num_tokens:
+        args = [
+            (q, _PTR),
+            (kv_cache, _PTR),
+            (qkv, _PTR),
+            (cos, _PTR),
+            (sin, _PTR),
+            (slot_mapping, _PTR),
+            (kv_cache[0].numel(), ctypes.c_long),
+            (num_heads, ctypes.c_int),
+            (num_kv_heads, ctypes.c_int),
+            (head_dim, ctypes.c_int),
+        ]
+        threads = _threads((num_heads + num_kv_heads) * head_dim // 2)
+        name = f"rotary_kv_cache_{DTYPE_SUFFIX[qkv.dtype]}"
+        KERNELS.launch(name, (num_tokens, 1, 1), (threads, 1, 1), args)
+    return q
+
+
 def quick_gelu_(x: torch.Tensor) -> torch.Tensor:
     """x * sigmoid(1.702 x) in place (the Qwen2-VL ViT's MLP activation); returns x."""
     assert x.is_cuda and x.is_contiguous() and x.data_ptr() % 16 == 0

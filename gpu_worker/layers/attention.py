@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from mm_runtime.gpu_worker.layers.rotary import RotaryEmbedding
+
 # cuDNN's SDPA builds a new execution plan for every new shape (~30 ms on an H100), and the
 # reference path's shapes change every step: keep to the kernels that need no plan.
 _SDPA_BACKENDS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
@@ -57,6 +59,28 @@ class AttentionBackend(ABC):
         scale: float,
     ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
         ...
+
+    def forward_qkv(
+        self,
+        qkv: torch.Tensor,  # [num_tokens, (num_heads + 2 * num_kv_heads) * head_dim]
+        rotary: RotaryEmbedding,
+        rope: tuple[torch.Tensor, torch.Tensor],  # the step's cos/sin (RotaryEmbedding.prepare)
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+        num_heads: int,
+    ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
+        """Attention from the fused QKV projection: q and k rotated, then `forward`. A backend
+        with a kernel doing the rotary and the cache write in one pass overrides this."""
+        num_tokens = qkv.shape[0]
+        num_kv_heads, head_dim = kv_cache.shape[3], kv_cache.shape[4]
+        q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
+        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+        q = q.view(num_tokens, num_heads, head_dim)
+        k = k.view(num_tokens, num_kv_heads, head_dim)
+        v = v.view(num_tokens, num_kv_heads, head_dim)
+        q, k = rotary.apply(q, k, *rope)
+        return self.forward(q, k, v, kv_cache, meta, scale)
 
 
 def write_kv_cache(
@@ -143,10 +167,12 @@ class Attention(nn.Module):
 
     def forward(
         self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
+        qkv: torch.Tensor,  # [num_tokens, (num_heads + 2 * num_kv_heads) * head_dim]
+        rotary: RotaryEmbedding,
+        rope: tuple[torch.Tensor, torch.Tensor],
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
-    ) -> torch.Tensor:
-        return self.backend.forward(q, k, v, kv_cache, meta, self.scale)
+    ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
+        return self.backend.forward_qkv(
+            qkv, rotary, rope, kv_cache, meta, self.scale, self.num_heads
+        )

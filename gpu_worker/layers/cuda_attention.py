@@ -9,6 +9,7 @@ import torch
 
 from mm_runtime.gpu_worker import kernels
 from mm_runtime.gpu_worker.layers.attention import AttentionBackend, AttentionMetadata
+from mm_runtime.gpu_worker.layers.rotary import RotaryEmbedding
 
 
 class CudaAttentionBackend(AttentionBackend):
@@ -28,6 +29,27 @@ class CudaAttentionBackend(AttentionBackend):
         scale: float,
     ) -> torch.Tensor:
         kernels.write_kv_cache(k.contiguous(), v.contiguous(), kv_cache, meta.slot_mapping)
+        return self._attend(q, kv_cache, meta, scale)
+
+    def forward_qkv(
+        self,
+        qkv: torch.Tensor,
+        rotary: RotaryEmbedding,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+        num_heads: int,
+    ) -> torch.Tensor:
+        # One kernel for the split, rotary and cache write: at batch 1 the five it replaces
+        # (three copies, rotary, cache write) were most of a decode layer's small kernels.
+        q = kernels.rotary_kv_cache(qkv, *rope, kv_cache, meta.slot_mapping, num_heads)
+        return self._attend(q, kv_cache, meta, scale)
+
+    def _attend(
+        self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+    ) -> torch.Tensor:
+        """Paged attention of q over the cache, which holds the step's K/V already."""
         num_kv_heads = kv_cache.shape[3]
         group = q.shape[1] // num_kv_heads
         if meta.backend_state is None:

@@ -51,14 +51,9 @@ class DecoderAttention(nn.Module):
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        n = hidden.shape[0]
-        q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(n, self.num_heads, self.head_dim)  # [num_tokens, num_heads, head_dim]
-        k = k.view(n, self.num_kv_heads, self.head_dim)  # [num_tokens, num_kv_heads, head_dim]
-        v = v.view(n, self.num_kv_heads, self.head_dim)
-        q, k = self.rotary.apply(q, k, *rope)
-        out = self.attn(q, k, v, kv_cache, meta)  # [num_tokens, num_heads, head_dim]
-        return self.o_proj(out.reshape(n, self.q_size))
+        qkv = self.qkv_proj(hidden)  # [num_tokens, q_size + 2 * kv_size]
+        out = self.attn(qkv, self.rotary, rope, kv_cache, meta)  # [num_tokens, heads, head_dim]
+        return self.o_proj(out.reshape(hidden.shape[0], self.q_size))
 
 
 class DecoderMLP(nn.Module):

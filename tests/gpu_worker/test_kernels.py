@@ -7,9 +7,11 @@ to write stays NaN.
 
 import pytest
 import torch
+from transformers import Qwen2Config
 
 from mm_runtime.gpu_worker.layers.activation import SiluAndMul
 from mm_runtime.gpu_worker.layers.norm import RMSNorm
+from mm_runtime.gpu_worker.layers.rotary import RotaryEmbedding
 
 pytestmark = pytest.mark.gpu
 
@@ -117,20 +119,8 @@ def test_write_kv_cache(dtype: torch.dtype, num_kv_heads: int, head_dim: int) ->
     assert torch.equal(cache.nan_to_num(), expected.nan_to_num())
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("mrope", [False, True])
-@pytest.mark.parametrize(
-    "num_heads,num_kv_heads,head_dim", [(12, 2, 128), (16, 16, 64), (4, 1, 80)]
-)
-def test_rotary(
-    dtype: torch.dtype, mrope: bool, num_heads: int, num_kv_heads: int, head_dim: int
-) -> None:
-    from transformers import Qwen2Config
-
-    from mm_runtime.gpu_worker import kernels
-    from mm_runtime.gpu_worker.layers.rotary import RotaryEmbedding
-
-    torch.manual_seed(3)
+def rotary_embedding(head_dim: int, mrope: bool) -> RotaryEmbedding:
+    """Qwen2's RoPE at theta 1e6, 1-D or with three M-RoPE sections."""
     config = Qwen2Config(rope_theta=1e6)
     if mrope:
         quarter = head_dim // 8
@@ -140,7 +130,21 @@ def test_rotary(
             "rope_theta": 1e6,
             "mrope_section": sections,
         }
-    rotary = RotaryEmbedding(config, head_dim)
+    return RotaryEmbedding(config, head_dim)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mrope", [False, True])
+@pytest.mark.parametrize(
+    "num_heads,num_kv_heads,head_dim", [(12, 2, 128), (16, 16, 64), (4, 1, 80)]
+)
+def test_rotary(
+    dtype: torch.dtype, mrope: bool, num_heads: int, num_kv_heads: int, head_dim: int
+) -> None:
+    from mm_runtime.gpu_worker import kernels
+
+    torch.manual_seed(3)
+    rotary = rotary_embedding(head_dim, mrope)
     num_tokens = 257
     positions = torch.randint(0, 30000, (3, num_tokens) if mrope else (num_tokens,), device="cuda")
     q = torch.randn(num_tokens, num_heads, head_dim, dtype=dtype, device="cuda")
@@ -151,6 +155,55 @@ def test_rotary(
     rtol, atol = TOLERANCE[dtype]
     torch.testing.assert_close(q, expected_q, rtol=rtol, atol=atol)
     torch.testing.assert_close(k, expected_k, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("mrope", [False, True])
+@pytest.mark.parametrize(
+    "num_heads,num_kv_heads,head_dim", [(12, 2, 128), (16, 16, 64), (4, 1, 80), (28, 4, 128)]
+)
+def test_rotary_kv_cache(
+    dtype: torch.dtype, mrope: bool, num_heads: int, num_kv_heads: int, head_dim: int
+) -> None:
+    """The fused kernel equals the unfused CUDA path bit for bit (split, rotary in place, cache
+    write), and the torch reference within a few ulps; padding slots write no K/V."""
+    from mm_runtime.gpu_worker import kernels
+    from mm_runtime.gpu_worker.layers.attention import write_kv_cache
+
+    torch.manual_seed(7)
+    rotary = rotary_embedding(head_dim, mrope)
+    num_tokens, num_blocks, block_size = 203, 64, 16
+    positions = torch.randint(0, 30000, (3, num_tokens) if mrope else (num_tokens,), device="cuda")
+    q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
+    qkv = torch.randn(num_tokens, q_size + 2 * kv_size, dtype=dtype, device="cuda")
+    slots = torch.randperm(num_blocks * block_size, device="cuda")[:num_tokens]
+    slots[-7:] = -1  # padding tokens
+    shape = (2, num_blocks, block_size, num_kv_heads, head_dim)
+    cache = torch.full(shape, float("nan"), dtype=dtype, device="cuda")
+    expected_cache = cache.clone()
+    reference_cache = cache.clone()
+
+    q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+    q = q.reshape(num_tokens, num_heads, head_dim)  # copies, as the unfused path made them
+    k = k.reshape(num_tokens, num_kv_heads, head_dim)
+    v = v.reshape(num_tokens, num_kv_heads, head_dim)
+    valid = slots >= 0
+    ref_q, ref_k = rotary(positions, q.clone(), k.clone())  # torch
+    write_kv_cache(ref_k[valid], v[valid], reference_cache, slots[valid])
+    cos, sin = rotary.prepare(positions, dtype)
+    kernels.apply_rotary(q, k, cos, sin)  # the unfused CUDA path, in place
+    kernels.write_kv_cache(k, v.contiguous(), expected_cache, slots)
+
+    poison(num_tokens * q_size, dtype)
+    fused_q = kernels.rotary_kv_cache(qkv, cos, sin, cache, slots, num_heads)
+    assert torch.equal(fused_q, q)
+    assert torch.equal(cache.isnan(), expected_cache.isnan())
+    assert torch.equal(cache.nan_to_num(), expected_cache.nan_to_num())
+    rtol, atol = TOLERANCE[dtype]
+    torch.testing.assert_close(fused_q, ref_q, rtol=rtol, atol=atol)
+    torch.testing.assert_close(
+        cache.nan_to_num(), reference_cache.nan_to_num(), rtol=rtol, atol=atol
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
