@@ -188,6 +188,67 @@ def rms_norm(
     return out, (residual if residual is not None else x)
 
 
+GEMV_WARPS = 8  # warps per block of csrc/gemv.cu's norm_gemv
+GEMV_ROWS = 2  # output rows per warp
+GEMV_MAX_TOKENS = 4  # token rows it is instantiated for (1 to 4)
+
+
+def norm_linear_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `norm_linear` takes x [tokens, K] and weight [N, K]: 1 to 4 token rows (a small
+    decode batch) in fp16/bf16, K a multiple of 8, the weight contiguous and 16-byte aligned."""
+    return (
+        x.is_cuda
+        and x.dtype in (torch.float16, torch.bfloat16)
+        and 1 <= x.shape[0] <= GEMV_MAX_TOKENS
+        and x.shape[-1] % 8 == 0
+        and weight.is_contiguous()
+        and weight.data_ptr() % 16 == 0
+    )
+
+
+def norm_linear(
+    x: torch.Tensor,  # [tokens, K]
+    residual: torch.Tensor | None,
+    norm_weight: torch.Tensor,  # [K]
+    eps: float,
+    weight: torch.Tensor,  # [N, K]
+    bias: torch.Tensor | None,  # [N]
+    silu_pairs: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, new residual): RMSNorm (with the residual add, not in place) then the projection
+    in one kernel; with `silu_pairs` the projection is a merged gate-up and out its SiLU-and-mul
+    [tokens, N / 2]. The CUDA twin of layers/norm.py, nn.Linear (and layers/activation.py)."""
+    assert norm_linear_fits(x, weight) and x.is_contiguous() and norm_weight.dtype == x.dtype
+    num_tokens, k = x.shape
+    n = weight.shape[0]
+    assert weight.shape[1] == k and weight.dtype == x.dtype and (not silu_pairs or n % 2 == 0)
+    assert residual is None or (residual.is_contiguous() and residual.shape == x.shape)
+    assert bias is None or (bias.is_contiguous() and bias.shape == (n,))
+    num_out = n // 2 if silu_pairs else n
+    out = torch.empty(num_tokens, num_out, dtype=x.dtype, device=x.device)
+    new_residual = torch.empty_like(x) if residual is not None else x
+    args = [
+        (out, _PTR),
+        (new_residual, _PTR),
+        (x, _PTR),
+        (residual if residual is not None else x, _PTR),
+        (norm_weight, _PTR),
+        (eps, ctypes.c_float),
+        (weight, _PTR),
+        (bias.data_ptr() if bias is not None else 0, _PTR),
+        (k, ctypes.c_int),
+        (n, ctypes.c_int),
+        (int(residual is not None), ctypes.c_int),
+        (int(silu_pairs), ctypes.c_int),
+    ]
+    rows_per_block = GEMV_WARPS * GEMV_ROWS
+    grid = (-(-num_out // rows_per_block), 1, 1)
+    name = f"norm_gemv_{DTYPE_SUFFIX[x.dtype]}_m{num_tokens}"
+    shared = num_tokens * k * x.element_size()
+    KERNELS.launch(name, grid, (32 * GEMV_WARPS, 1, 1), args, shared)
+    return out, new_residual
+
+
 def write_kv_cache(
     k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor
 ) -> None:

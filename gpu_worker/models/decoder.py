@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
+from mm_runtime.gpu_worker import kernels
 from mm_runtime.gpu_worker.layers.activation import SiluAndMul
 from mm_runtime.gpu_worker.layers.attention import Attention, AttentionBackend, AttentionMetadata
 from mm_runtime.gpu_worker.layers.linear import MergedLinear
@@ -47,13 +48,12 @@ class DecoderAttention(nn.Module):
     def forward(
         self,
         rope: tuple[torch.Tensor, torch.Tensor],
-        hidden: torch.Tensor,
+        qkv: torch.Tensor,  # [num_tokens, q_size + 2 * kv_size]: qkv_proj's output
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        qkv = self.qkv_proj(hidden)  # [num_tokens, q_size + 2 * kv_size]
         out = self.attn(qkv, self.rotary, rope, kv_cache, meta)  # [num_tokens, heads, head_dim]
-        return self.o_proj(out.reshape(hidden.shape[0], self.q_size))
+        return self.o_proj(out.reshape(qkv.shape[0], self.q_size))
 
 
 class DecoderMLP(nn.Module):
@@ -67,9 +67,32 @@ class DecoderMLP(nn.Module):
         )
         self.act = SiluAndMul()
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
+        # Applied by DecoderLayer: gate_up_proj and act fuse with the norm before them on CUDA.
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_up_proj(x)))
+
+def _norm_then_linear(
+    norm: RMSNorm,
+    linear: nn.Linear,
+    hidden: torch.Tensor,
+    residual: torch.Tensor | None,
+    act: SiluAndMul | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(act(linear(norm(hidden + residual))), the new residual): one csrc/gemv.cu kernel for a
+    small decode batch on CUDA, where the norm and the activation are otherwise two of a layer's
+    small kernels (at batch 1 their launches, not their bytes, are what they cost)."""
+    if kernels.norm_linear_fits(hidden, linear.weight):
+        return kernels.norm_linear(
+            hidden.contiguous(),
+            residual,
+            norm.weight,
+            norm.eps,
+            linear.weight,
+            linear.bias,
+            silu_pairs=act is not None,
+        )
+    hidden, residual = norm(hidden, residual)
+    out = linear(hidden)
+    return (out if act is None else act(out)), residual
 
 
 class DecoderLayer(nn.Module):
@@ -90,10 +113,13 @@ class DecoderLayer(nn.Module):
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(rope, hidden, kv_cache, meta)
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return self.mlp(hidden), residual
+        attn, mlp = self.self_attn, self.mlp
+        qkv, residual = _norm_then_linear(self.input_layernorm, attn.qkv_proj, hidden, residual)
+        hidden = attn(rope, qkv, kv_cache, meta)
+        act, residual = _norm_then_linear(
+            self.post_attention_layernorm, mlp.gate_up_proj, hidden, residual, mlp.act
+        )
+        return mlp.down_proj(act), residual
 
 
 class Decoder(nn.Module):

@@ -206,6 +206,51 @@ def test_rotary_kv_cache(
     )
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("num_tokens", [1, 2, 3, 4])
+@pytest.mark.parametrize("k,n", [(1536, 2048), (64, 1000), (3584, 4608), (4096, 22016)])
+@pytest.mark.parametrize("with_residual", [False, True])
+@pytest.mark.parametrize("silu_pairs", [False, True])
+def test_norm_linear(
+    dtype: torch.dtype, num_tokens: int, k: int, n: int, with_residual: bool, silu_pairs: bool
+) -> None:
+    """RMSNorm, the projection (and SiLU-and-mul) in one kernel against the three: the residual
+    bit for bit, the output within a few ulps (float32 sums in another order than cuBLAS's)."""
+    from mm_runtime.gpu_worker import kernels
+
+    torch.manual_seed(8)
+    norm = RMSNorm(k, eps=1e-6).to(device="cuda", dtype=dtype)
+    norm.weight.data.normal_(1.0, 0.1)
+    weight = torch.randn(n, k, dtype=dtype, device="cuda") / k**0.5
+    bias = None if n == 22016 else torch.randn(n, dtype=dtype, device="cuda")  # LLaVA: no bias
+    x = torch.randn(num_tokens, k, dtype=dtype, device="cuda")
+    residual = torch.randn_like(x) if with_residual else None
+    normed, expected_residual = norm(x, None if residual is None else residual.clone())
+    expected = torch.nn.functional.linear(normed, weight, bias)
+    if silu_pairs:
+        expected = SiluAndMul()(expected)
+    assert kernels.norm_linear_fits(x, weight)
+    poison(expected.numel(), dtype)
+    out, new_residual = kernels.norm_linear(
+        x, residual, norm.weight, 1e-6, weight, bias, silu_pairs
+    )
+    rtol, atol = TOLERANCE[dtype]
+    torch.testing.assert_close(out, expected, rtol=rtol, atol=atol)
+    assert torch.equal(new_residual, expected_residual)
+    assert new_residual is x if residual is None else new_residual is not residual
+
+
+def test_norm_linear_fits_small_half_batches_only() -> None:
+    from mm_runtime.gpu_worker import kernels
+
+    weight = torch.empty(64, 128, dtype=torch.bfloat16, device="cuda")
+    rows = torch.empty(5, 128, dtype=torch.bfloat16, device="cuda")
+    assert kernels.norm_linear_fits(rows[:4], weight)
+    assert not kernels.norm_linear_fits(rows, weight)  # 5 tokens
+    assert not kernels.norm_linear_fits(rows[:1].float(), weight.float())
+    assert not kernels.norm_linear_fits(rows[:1].cpu(), weight.cpu())
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
 def test_quick_gelu(shape: tuple[int, int], dtype: torch.dtype) -> None:
