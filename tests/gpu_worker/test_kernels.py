@@ -184,8 +184,8 @@ def test_rotary_kv_cache(
     reference_cache = cache.clone()
 
     q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
-    q = q.reshape(num_tokens, num_heads, head_dim)  # copies, as the unfused path made them
-    k = k.reshape(num_tokens, num_kv_heads, head_dim)
+    q = q.reshape(num_tokens, num_heads, head_dim).contiguous()  # the unfused path's copies
+    k = k.reshape(num_tokens, num_kv_heads, head_dim).contiguous()
     v = v.reshape(num_tokens, num_kv_heads, head_dim)
     valid = slots >= 0
     ref_q, ref_k = rotary(positions, q.clone(), k.clone())  # torch
