@@ -8,9 +8,7 @@ their index plus `mrope_delta` (max prompt position + 1 - prompt length) in all 
 exactly as transformers' `get_rope_index` / `compute_3d_position_ids`.
 """
 
-import json
 import math
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -26,27 +24,6 @@ from mm_runtime.shared.errors import InvalidRequest
 from mm_runtime.shared.image_resize import Qwen2VLResize
 from mm_runtime.shared.model_info import num_image_tokens
 from mm_runtime.shared.wire import MMItem, PlaceholderRange
-
-# Qwen2VLImageProcessor's defaults, for a model directory without processor settings.
-DEFAULT_MIN_PIXELS = 56 * 56
-DEFAULT_MAX_PIXELS = 28 * 28 * 1280
-
-
-def image_processor_settings(model_dir: str | Path) -> dict:
-    """The image processor's settings: preprocessor_config.json (hub layout), else the
-    `image_processor` section of processor_config.json (transformers 5 `save_pretrained`)."""
-    path = Path(model_dir)
-    sources = (("preprocessor_config.json", None), ("processor_config.json", "image_processor"))
-    for name, section in sources:
-        file = path / name
-        if not file.is_file():
-            continue
-        settings = json.loads(file.read_text())
-        if section is not None and isinstance(settings, dict):
-            settings = settings.get(section)
-        if isinstance(settings, dict):
-            return settings
-    return {}
 
 
 class Qwen2VLModel(MultimodalModel):
@@ -112,16 +89,11 @@ class Qwen2VLModel(MultimodalModel):
 
     def _largest_image(self) -> tuple[int, int]:
         """(merged tokens along each side of the largest square image the processor makes, the
-        fewest rows of merged tokens an image of that width has), from its settings."""
-        settings = image_processor_settings(self.config.name_or_path or "")
-        size = settings.get("size") or {}
-        max_pixels = settings.get("max_pixels") or size.get("longest_edge") or DEFAULT_MAX_PIXELS
-        min_pixels = settings.get("min_pixels") or size.get("shortest_edge") or DEFAULT_MIN_PIXELS
-        patch = settings.get("patch_size") or self.config.vision_config.patch_size
-        merge = settings.get("merge_size") or self.spatial_merge_size
-        factor = patch * merge  # image pixels per merged token, along each side
-        side = max(1, math.isqrt(max_pixels) // factor)
-        return side, max(1, -(-min_pixels // (factor * factor * side)))
+        fewest rows of merged tokens an image of that width has), by the loaded processor's
+        settings: the ones the preprocess worker sizes images by."""
+        factor = self.resize.factor  # image pixels per merged token, along each side
+        side = max(1, math.isqrt(self.resize.max_pixels) // factor)
+        return side, max(1, -(-self.resize.min_pixels // (factor * factor * side)))
 
     def _dummy_item(self, index: int, offset: int, grid_h: int, grid_w: int) -> MMItem:
         # At the grid's size, so not resized: the resize's buffers are freed before the ViT

@@ -8,6 +8,7 @@ the eager tokens, and the memory profile leaves memory free.
 """
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,6 @@ from mm_runtime.gpu_worker.kv_cache import KVCacheManager
 from mm_runtime.gpu_worker.layers.attention import TorchAttentionBackend
 from mm_runtime.gpu_worker.model_runner import ModelRunner
 from mm_runtime.gpu_worker.models.loader import build_model
-from mm_runtime.gpu_worker.models.qwen2_vl import image_processor_settings
 from mm_runtime.gpu_worker.request import Request
 from mm_runtime.gpu_worker.scheduler import SchedulerOutput
 from mm_runtime.shared.model_info import ModelInfo
@@ -240,17 +240,23 @@ def test_dummy_encoder_items(arch: str, max_tokens: int, cpu_models: dict) -> No
     assert [out.shape[0] for out in outputs] == lengths[:3]
 
 
-def test_qwen2_vl_reads_hub_preprocessor_config(
-    cpu_models: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def test_qwen2_vl_profiles_the_hub_preprocessor_config(
+    tiny_models: dict[str, Path], tmp_path: Path
 ) -> None:
-    settings = {"min_pixels": 3136, "max_pixels": 28 * 28 * 16, "patch_size": 14, "merge_size": 2}
-    (tmp_path / "preprocessor_config.json").write_text(json.dumps(settings))
-    assert image_processor_settings(tmp_path) == settings
-    model = cpu_models["qwen2_vl"]
-    monkeypatch.setattr(model.config, "name_or_path", str(tmp_path))
+    """A directory in the hub's layout (preprocessor_config.json with min/max_pixels): the memory
+    profile's largest image follows the settings the loaded processor resizes by."""
+    model_dir = tmp_path / "qwen2_vl"
+    shutil.copytree(tiny_models["qwen2_vl"], model_dir)
+    processor = json.loads((model_dir / "processor_config.json").read_text())
+    settings = processor.pop("image_processor")
+    del settings["size"]
+    settings.update(min_pixels=3136, max_pixels=28 * 28 * 16)
+    (model_dir / "processor_config.json").write_text(json.dumps(processor))
+    (model_dir / "preprocessor_config.json").write_text(json.dumps(settings))
+    info = ModelInfo.from_model_dir(model_dir)
+    model = build_model(info, TorchAttentionBackend(), torch.float32, torch.device("cpu"))
     # 4 x 4 merged tokens per image at most; the last one keeps the rows it needs.
     assert [item.placeholder.length for item in model.dummy_encoder_items(40)] == [16, 16, 8]
-    assert image_processor_settings(tmp_path / "missing") == {}
 
 
 # ---- on the GPU ----
