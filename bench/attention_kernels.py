@@ -92,7 +92,7 @@ def paged_inputs(
         "seq_lens": torch.tensor(seq_lens, device="cuda"),
         "block_tables": tables.cuda(),
         "tiles": tiles,
-        "num_splits": kernels.attention_splits(tiles.shape[0], num_kv_heads, q.device),
+        "num_splits": kernels.attention_splits(tiles, q.shape[0], num_kv_heads),
         "rows": rows,
     }
 

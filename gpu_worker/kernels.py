@@ -476,13 +476,15 @@ def attention_tiles(
     return tiles
 
 
-def attention_splits(num_tiles: int, num_kv_heads: int, device: torch.device) -> int:
-    """How many CTAs share each tile's keys: enough for about two CTAs per SM when the batch
-    alone gives fewer. Depends on shapes only (CUDA graphs replay it); a CTA whose slice of a
-    short context is empty exits at once."""
-    num_sms = _num_sms(device)
-    ctas = num_tiles * num_kv_heads
-    return 1 if ctas >= num_sms else min(MAX_SPLITS, -(-2 * num_sms // ctas))
+def attention_splits(tiles: torch.Tensor, num_tokens: int, num_kv_heads: int) -> int:
+    """How many CTAs share each tile's keys: as many as two CTAs an SM hold in one wave when the
+    batch alone gives fewer than one an SM. Counts the tiles with work: at most one per query
+    token, however many entries the plan has room for (its capacity has a spare per request).
+    Depends on shapes only (CUDA graphs replay it); a CTA whose slice of a short context is
+    empty exits at once."""
+    num_sms = _num_sms(tiles.device)
+    ctas = min(tiles.shape[0], num_tokens) * num_kv_heads
+    return 1 if ctas >= num_sms else max(1, min(MAX_SPLITS, 2 * num_sms // ctas))
 
 
 def paged_attention(

@@ -59,7 +59,7 @@ class CudaAttentionBackend(AttentionBackend):
             small_tiles = decodes and group <= kernels.DECODE_ROWS
             rows = kernels.DECODE_ROWS if small_tiles else kernels.ATTN_ROWS
             tiles = kernels.attention_tiles(meta.query_start_loc, q.shape[0], group, rows)
-            splits = kernels.attention_splits(tiles.shape[0], num_kv_heads, q.device)
+            splits = kernels.attention_splits(tiles, q.shape[0], num_kv_heads)
             meta.backend_state = {"tiles": tiles, "num_splits": splits, "rows": rows}
         state = meta.backend_state
         return kernels.paged_attention(

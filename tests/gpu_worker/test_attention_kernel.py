@@ -101,7 +101,7 @@ def run_kernel(
     rows = rows or kernels.ATTN_ROWS
     tiles = kernels.attention_tiles(case.query_start_loc, case.q.shape[0], group, rows)
     if num_splits is None:
-        num_splits = kernels.attention_splits(tiles.shape[0], num_kv_heads, case.q.device)
+        num_splits = kernels.attention_splits(tiles, case.q.shape[0], num_kv_heads)
     torch.full((case.q.numel(),), float("nan"), dtype=case.q.dtype, device="cuda")  # poison
     return kernels.paged_attention(
         case.q,
