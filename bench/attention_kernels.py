@@ -80,7 +80,11 @@ def paged_inputs(
     cache = torch.randn(2, num_blocks, BLOCK, num_kv_heads, head_dim, device="cuda").to(dtype)
     starts = torch.tensor([0, *torch.tensor(query_lens).cumsum(0).tolist()], device="cuda")
     q = torch.randn(int(starts[-1]), num_heads, head_dim, device="cuda").to(dtype)
-    tiles = kernels.attention_tiles(starts, q.shape[0], num_heads // num_kv_heads)  # once a step
+    group = num_heads // num_kv_heads
+    # The backend's choice (layers/cuda_attention.py): 16-row tiles for a step of decodes only.
+    decodes = all(n == 1 for n in query_lens) and group <= kernels.DECODE_ROWS
+    rows = kernels.DECODE_ROWS if decodes else kernels.ATTN_ROWS
+    tiles = kernels.attention_tiles(starts, q.shape[0], group, rows)  # once a step
     return {
         "q": q,
         "kv_cache": cache,
@@ -88,7 +92,8 @@ def paged_inputs(
         "seq_lens": torch.tensor(seq_lens, device="cuda"),
         "block_tables": tables.cuda(),
         "tiles": tiles,
-        "num_splits": kernels.attention_splits(tiles.shape[0], num_kv_heads, q.device),
+        "num_splits": kernels.attention_splits(tiles, q.shape[0], num_kv_heads),
+        "rows": rows,
     }
 
 
@@ -103,6 +108,7 @@ def run_paged(inputs: dict) -> torch.Tensor:
         inputs["tiles"],
         q.shape[2] ** -0.5,
         inputs["num_splits"],
+        inputs["rows"],
     )
 
 

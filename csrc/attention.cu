@@ -9,14 +9,21 @@
 // host and CUDA graphs capture it.
 //
 // Each CTA runs FlashAttention-2's loop: 4 warps own 16 rows each; K/V tiles of 64 keys stream
-// through shared memory (cp.async, two stages), S = Q K^T and O += P V run on tensor cores
+// through shared memory (cp.async, STAGES stages), S = Q K^T and O += P V run on tensor cores
 // (mma.sync m16n8k16, fp32 accumulators) with an online softmax in registers. Keys past a
 // query's position (causal) or past the tile's range are masked. Long contexts with few tiles
 // split the keys over gridDim.z CTAs ("split-K" / flash-decoding): each writes its rows' partial
 // output and log-sum-exp in fp32 and `attention_merge` combines them.
+//
+// Two instantiations: 64 query rows and two stages (prefill chunks, mixed steps), and for steps
+// of decodes only 16 rows (one warp's: a decode's GQA group) and three stages. A decode tile
+// fills one warp's rows whatever the tile size, so the larger tile only held shared memory that
+// could carry keys: with 16 rows, two CTAs an SM keep two tiles of K/V each in flight, not one,
+// and a decode step streams the cache at a rate its latency, not its compute, had capped.
 #include "common.cuh"
 
-constexpr int ATTN_ROWS = 64;      // query rows per CTA (4 warps x 16)
+constexpr int ATTN_ROWS = 64;      // query rows per CTA (4 warps x 16); ATTN_ROWS in kernels.py
+constexpr int DECODE_ROWS = 16;    // query rows per CTA of the decode kernel; DECODE_ROWS there
 constexpr int ATTN_KEYS = 64;      // keys per K/V tile
 constexpr int ATTN_THREADS = 128;
 constexpr int SMEM_PAD = 8;        // elements of padding per shared row: conflict-free ldmatrix
@@ -120,22 +127,22 @@ struct AttentionParams {
   float scale_log2;        // softmax scale * log2(e): the kernel works with exp2
 };
 
-template <typename T, int D>
+template <typename T, int D, int ROWS, int STAGES>
 __device__ void paged_attention(const AttentionParams& p) {
   constexpr int ROW = D + SMEM_PAD;   // shared row stride, elements
   constexpr int CHUNKS = D / 8;       // 16-byte chunks per row
   static_assert(D % 16 == 0, "head_dim must be a multiple of 16");
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  T* q_smem = reinterpret_cast<T*>(smem_raw);            // [ATTN_ROWS][ROW]
-  T* k_smem = q_smem + ATTN_ROWS * ROW;                  // [2][ATTN_KEYS][ROW]
-  T* v_smem = k_smem + 2 * ATTN_KEYS * ROW;              // [2][ATTN_KEYS][ROW]
+  T* q_smem = reinterpret_cast<T*>(smem_raw);            // [ROWS][ROW]
+  T* k_smem = q_smem + ROWS * ROW;                       // [STAGES][ATTN_KEYS][ROW]
+  T* v_smem = k_smem + STAGES * ATTN_KEYS * ROW;         // [STAGES][ATTN_KEYS][ROW]
 
   const int req = p.tiles[2 * blockIdx.x];
   if (req < 0) return;
   const int tile_start = p.tiles[2 * blockIdx.x + 1];
   const int kv_head = blockIdx.y, split = blockIdx.z, num_splits = gridDim.z;
   const int group = p.num_heads / p.num_kv_heads;
-  const int tokens_per_tile = ATTN_ROWS / group;
+  const int tokens_per_tile = ROWS / group;
   const long q0 = p.query_start_loc[req];
   const int query_len = (int)(p.query_start_loc[req + 1] - q0);
   const int seq_len = (int)p.seq_lens[req];
@@ -180,7 +187,7 @@ __device__ void paged_attention(const AttentionParams& p) {
   }
 
   // Q tile -> shared (rows past the tile are zeros).
-  for (int i = tid; i < ATTN_ROWS * CHUNKS; i += ATTN_THREADS) {
+  for (int i = tid; i < ROWS * CHUNKS; i += ATTN_THREADS) {
     const int m = i / CHUNKS, c = i % CHUNKS;
     const bool valid = m < num_rows;
     const long token = q0 + tile_start + (valid ? m / group : 0);
@@ -198,8 +205,14 @@ __device__ void paged_attention(const AttentionParams& p) {
       cp_async16(v_smem + (stage * ATTN_KEYS + j) * ROW + c * 8, v_cache + offset, valid);
     }
   };
-  load_kv(0, kv_lo);
-  cp_async_commit();
+  const int num_key_tiles = (kv_hi - kv_lo + ATTN_KEYS - 1) / ATTN_KEYS;
+  // The first STAGES - 1 tiles (Q rides with the first); one commit group per tile, empty ones
+  // included, so the wait below counts the same in every iteration.
+#pragma unroll
+  for (int t = 0; t < STAGES - 1; ++t) {
+    if (t < num_key_tiles) load_kv(t, kv_lo + t * ATTN_KEYS);
+    cp_async_commit();
+  }
 
   const bool warp_active = warp * 16 < num_rows;
   // The absolute positions of this thread's two rows (g and g + 8 of the warp's 16).
@@ -212,12 +225,12 @@ __device__ void paged_attention(const AttentionParams& p) {
 #pragma unroll
   for (int n = 0; n < D / 8; ++n) o_acc[n][0] = o_acc[n][1] = o_acc[n][2] = o_acc[n][3] = 0.f;
 
-  const int num_key_tiles = (kv_hi - kv_lo + ATTN_KEYS - 1) / ATTN_KEYS;
   for (int t = 0; t < num_key_tiles; ++t) {
-    const int key0 = kv_lo + t * ATTN_KEYS, stage = t & 1;
-    if (t + 1 < num_key_tiles) load_kv(stage ^ 1, key0 + ATTN_KEYS);
+    const int key0 = kv_lo + t * ATTN_KEYS, stage = t % STAGES;
+    // The stage this prefetch fills was last read in iteration t - 1, behind its final barrier.
+    if (t + STAGES - 1 < num_key_tiles) load_kv((t + STAGES - 1) % STAGES, key0 + (STAGES - 1) * ATTN_KEYS);
     cp_async_commit();
-    cp_async_wait<1>();  // everything but the prefetch just issued has landed
+    cp_async_wait<STAGES - 1>();  // tile t has landed; the STAGES - 1 after it may be in flight
     __syncthreads();
     if (warp_active) {
       if (t == 0) {
@@ -385,7 +398,11 @@ __device__ void attention_merge(T* __restrict__ out, const float* __restrict__ p
 #define PAGED_ATTENTION(NAME, T, D)                                                                \
   extern "C" __global__ void __launch_bounds__(ATTN_THREADS)                                       \
       paged_attention_##NAME##_d##D(const AttentionParams p) {                                     \
-    paged_attention<T, D>(p);                                                                      \
+    paged_attention<T, D, ATTN_ROWS, 2>(p);                                                        \
+  }                                                                                                \
+  extern "C" __global__ void __launch_bounds__(ATTN_THREADS)                                       \
+      paged_decode_##NAME##_d##D(const AttentionParams p) {                                        \
+    paged_attention<T, D, DECODE_ROWS, 3>(p);                                                      \
   }
 // 64/80/128: the served models; 16/32: the tiny test models, so they take the same path on GPU.
 #define PAGED_ATTENTION_ALL_DIMS(NAME, T)                                                     \

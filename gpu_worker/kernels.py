@@ -136,6 +136,12 @@ class KernelLibrary:
         if shared_bytes > 48 * 1024 and self._shared_limits.get(name, 0) < shared_bytes:
             attr = driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
             _check(driver.cuFuncSetAttribute(fn, attr, shared_bytes))
+            # All of the SM's unified L1 / shared memory as shared (a hint the driver may
+            # otherwise settle below what two blocks of this size need: paged attention's CTAs
+            # of 87-109 KB count on two an SM).
+            attrs = driver.CUfunction_attribute
+            carveout = attrs.CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT
+            _check(driver.cuFuncSetAttribute(fn, carveout, 100))
             self._shared_limits[name] = shared_bytes
         values = tuple(v.data_ptr() if isinstance(v, torch.Tensor) else v for v, _ in args)
         types = tuple(t for _, t in args)
@@ -418,6 +424,7 @@ def _num_sms(device: torch.device) -> int:
 # ---- paged attention (csrc/attention.cu) ----
 
 ATTN_ROWS = 64  # query rows per CTA; ATTN_ROWS in csrc/attention.cu
+DECODE_ROWS = 16  # query rows per CTA of paged_decode (steps of decodes only); DECODE_ROWS there
 ATTN_THREADS = 128
 ATTN_HEAD_DIMS = (16, 32, 64, 80, 128)
 MAX_SPLITS = 64  # MERGE_MAX_SPLITS in csrc/attention.cu
@@ -446,13 +453,16 @@ class _AttentionParams(ctypes.Structure):
     ]
 
 
-def attention_tiles(query_start_loc: torch.Tensor, num_tokens: int, group: int) -> torch.Tensor:
+def attention_tiles(
+    query_start_loc: torch.Tensor, num_tokens: int, group: int, rows: int = ATTN_ROWS
+) -> torch.Tensor:
     """The step's query tiles [capacity, 2] int32 (request, first query token; request -1 for
-    unused entries), listed on the device. capacity = ceil(num_tokens / tokens_per_tile) +
-    num_reqs bounds the count from shapes alone, so a CUDA graph can capture it."""
-    assert query_start_loc.dtype == torch.int64 and 1 <= group <= ATTN_ROWS
+    unused entries) of `rows` query rows (ATTN_ROWS, or DECODE_ROWS for paged_decode), listed
+    on the device. capacity = ceil(num_tokens / tokens_per_tile) + num_reqs bounds the count
+    from shapes alone, so a CUDA graph can capture it."""
+    assert query_start_loc.dtype == torch.int64 and 1 <= group <= rows
     num_reqs = query_start_loc.shape[0] - 1
-    tokens_per_tile = ATTN_ROWS // group
+    tokens_per_tile = rows // group
     capacity = -(-num_tokens // tokens_per_tile) + num_reqs
     tiles = torch.empty(capacity, 2, dtype=torch.int32, device=query_start_loc.device)
     args = [
@@ -466,13 +476,15 @@ def attention_tiles(query_start_loc: torch.Tensor, num_tokens: int, group: int) 
     return tiles
 
 
-def attention_splits(num_tiles: int, num_kv_heads: int, device: torch.device) -> int:
-    """How many CTAs share each tile's keys: enough for about two CTAs per SM when the batch
-    alone gives fewer. Depends on shapes only (CUDA graphs replay it); a CTA whose slice of a
-    short context is empty exits at once."""
-    num_sms = _num_sms(device)
-    ctas = num_tiles * num_kv_heads
-    return 1 if ctas >= num_sms else min(MAX_SPLITS, -(-2 * num_sms // ctas))
+def attention_splits(tiles: torch.Tensor, num_tokens: int, num_kv_heads: int) -> int:
+    """How many CTAs share each tile's keys: as many as two CTAs an SM hold in one wave when the
+    batch alone gives fewer than one an SM. Counts the tiles with work: at most one per query
+    token, however many entries the plan has room for (its capacity has a spare per request).
+    Depends on shapes only (CUDA graphs replay it); a CTA whose slice of a short context is
+    empty exits at once."""
+    num_sms = _num_sms(tiles.device)
+    ctas = min(tiles.shape[0], num_tokens) * num_kv_heads
+    return 1 if ctas >= num_sms else max(1, min(MAX_SPLITS, 2 * num_sms // ctas))
 
 
 def paged_attention(
@@ -484,9 +496,11 @@ def paged_attention(
     tiles: torch.Tensor,  # from attention_tiles
     scale: float,
     num_splits: int = 1,
+    rows: int = ATTN_ROWS,
 ) -> torch.Tensor:
     """Causal attention of every query over its request's cached context (the CUDA twin of
-    TorchAttentionBackend after the cache write); [num_tokens, num_heads, head_dim]."""
+    TorchAttentionBackend after the cache write); [num_tokens, num_heads, head_dim]. `rows`:
+    the tiles' query rows, as `attention_tiles` made them (DECODE_ROWS runs paged_decode)."""
     num_tokens, num_heads, head_dim = q.shape
     block_size, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3]
     assert q.is_contiguous() and kv_cache.is_contiguous() and block_tables.is_contiguous()
@@ -521,9 +535,12 @@ def paged_attention(
     )
     suffix = DTYPE_SUFFIX[q.dtype]
     row = head_dim + 8  # SMEM_PAD
-    shared_bytes = (ATTN_ROWS + 4 * 64) * row * q.element_size()  # Q + two stages of K and V
+    assert rows in (ATTN_ROWS, DECODE_ROWS)
+    stages = 2 if rows == ATTN_ROWS else 3  # the kernels' STAGES
+    shared_bytes = (rows + 2 * stages * 64) * row * q.element_size()  # Q + the stages' K and V
     grid = (tiles.shape[0], num_kv_heads, num_splits)
-    name = f"paged_attention_{suffix}_d{head_dim}"
+    kind = "attention" if rows == ATTN_ROWS else "decode"
+    name = f"paged_{kind}_{suffix}_d{head_dim}"
     KERNELS.launch(name, grid, (ATTN_THREADS, 1, 1), [(params, None)], shared_bytes)
     if num_splits > 1:
         args = [

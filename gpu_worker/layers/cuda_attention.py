@@ -53,9 +53,14 @@ class CudaAttentionBackend(AttentionBackend):
         num_kv_heads = kv_cache.shape[3]
         group = q.shape[1] // num_kv_heads
         if meta.backend_state is None:
-            tiles = kernels.attention_tiles(meta.query_start_loc, q.shape[0], group)
-            splits = kernels.attention_splits(tiles.shape[0], num_kv_heads, q.device)
-            meta.backend_state = {"tiles": tiles, "num_splits": splits}
+            # A step of decodes only (as many tokens as requests, a shape: graphs capture it)
+            # takes the 16-row kernel, whose shared memory carries more keys in flight.
+            decodes = q.shape[0] == meta.query_start_loc.shape[0] - 1
+            small_tiles = decodes and group <= kernels.DECODE_ROWS
+            rows = kernels.DECODE_ROWS if small_tiles else kernels.ATTN_ROWS
+            tiles = kernels.attention_tiles(meta.query_start_loc, q.shape[0], group, rows)
+            splits = kernels.attention_splits(tiles, q.shape[0], num_kv_heads)
+            meta.backend_state = {"tiles": tiles, "num_splits": splits, "rows": rows}
         state = meta.backend_state
         return kernels.paged_attention(
             q.contiguous(),
@@ -66,4 +71,5 @@ class CudaAttentionBackend(AttentionBackend):
             state["tiles"],
             scale,
             state["num_splits"],
+            state["rows"],
         )

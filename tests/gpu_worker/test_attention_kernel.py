@@ -90,14 +90,18 @@ def reference(case: Case, scale: float) -> torch.Tensor:
     return torch.cat(out)
 
 
-def run_kernel(case: Case, scale: float, num_splits: int | None = None) -> torch.Tensor:
+def run_kernel(
+    case: Case, scale: float, num_splits: int | None = None, rows: int | None = None
+) -> torch.Tensor:
+    """paged_attention (rows None or ATTN_ROWS) or paged_decode (rows DECODE_ROWS)."""
     from mm_runtime.gpu_worker import kernels
 
     num_kv_heads = case.kv_cache.shape[3]
     group = case.q.shape[1] // num_kv_heads
-    tiles = kernels.attention_tiles(case.query_start_loc, case.q.shape[0], group)
+    rows = rows or kernels.ATTN_ROWS
+    tiles = kernels.attention_tiles(case.query_start_loc, case.q.shape[0], group, rows)
     if num_splits is None:
-        num_splits = kernels.attention_splits(tiles.shape[0], num_kv_heads, case.q.device)
+        num_splits = kernels.attention_splits(tiles, case.q.shape[0], num_kv_heads)
     torch.full((case.q.numel(),), float("nan"), dtype=case.q.dtype, device="cuda")  # poison
     return kernels.paged_attention(
         case.q,
@@ -108,6 +112,7 @@ def run_kernel(case: Case, scale: float, num_splits: int | None = None) -> torch
         tiles,
         scale,
         num_splits,
+        rows,
     )
 
 
@@ -157,6 +162,31 @@ def test_forced_splits_agree(num_splits: int) -> None:
     seqs = [(5000, 1), (31, 1), (0, 1), (700, 40), (3, 200)]
     case = make_case(seqs, 28, 4, 128, torch.bfloat16, seed=num_splits)
     check(case, run_kernel(case, 0.1, num_splits), 0.1)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_decode_kernel_on_decode_batches(seed: int) -> None:
+    """paged_decode (16 query rows, three stages), as the backend runs steps of decodes only:
+    contexts of 1 to 32k tokens, GQA groups of 1 to 16, key splits forced or as planned."""
+    rng = random.Random(100 + seed)
+    dtype = (torch.bfloat16, torch.float16)[seed % 2]
+    head_dim = (128, 80, 64, 16, 32)[seed % 5]
+    num_heads, num_kv_heads = [(12, 2), (28, 4), (32, 32), (16, 1), (8, 1), (64, 8)][seed % 6]
+    contexts = [rng.choice([1, 15, 16, 17, 64, 65, 200, 1023, 4097, 32767]) for _ in range(7)]
+    case = make_case([(c, 1) for c in contexts], num_heads, num_kv_heads, head_dim, dtype, seed)
+    num_splits = (None, 1, 3, 64)[seed % 4]
+    out = run_kernel(case, head_dim**-0.5, num_splits, rows=16)
+    check(case, out, head_dim**-0.5)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_decode_kernel_on_ragged_batches(seed: int) -> None:
+    """paged_decode is the same function on any batch (the plan cuts chunks into tiles of 16 /
+    group tokens), though the backend gives it decodes only."""
+    rng = random.Random(200 + seed)
+    num_heads, num_kv_heads = [(12, 2), (28, 4), (16, 16)][seed % 3]
+    case = make_case(random_seqs(rng, 3000), num_heads, num_kv_heads, 128, torch.bfloat16, seed)
+    check(case, run_kernel(case, 0.1, rows=16), 0.1)
 
 
 def test_tiles_list_every_query_once() -> None:
