@@ -141,3 +141,27 @@ def test_a_bad_prompt_among_good_ones_leaves_the_engine_idle(llm: LLM) -> None:
     assert not llm.engine.has_unfinished_requests()
     out = llm.generate(prompts(1), SamplingParams(max_tokens=3, ignore_eos=True), use_tqdm=False)
     assert len(out[0].outputs[0].token_ids) == 3  # and it still serves
+
+
+def test_batch_defaults_follow_vllm_llm_class(monkeypatch: pytest.MonkeyPatch) -> None:
+    """1024 requests and 16384 tokens a step on GPUs of 70 GiB or more but the A100, as vLLM V1's
+    LLM class; 256 and 8192 elsewhere; what the caller names wins."""
+    from types import SimpleNamespace
+
+    from mm_runtime.llm import _batch_defaults
+
+    cards = {"NVIDIA H200": 141, "NVIDIA H100 80GB HBM3": 80, "NVIDIA A100-SXM4-80GB": 80}
+    cards |= {"NVIDIA L4": 24}
+    for name, gib in cards.items():
+        props = SimpleNamespace(name=name, total_memory=gib * 2**30)
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda _d, p=props: p)
+        big = gib >= 70 and "A100" not in name
+        assert _batch_defaults(torch.device("cuda")) == ((1024, 16384) if big else (256, 8192))
+    assert _batch_defaults(torch.device("cpu")) == (256, 8192)
+
+
+def test_named_batch_limits_override_the_defaults(tiny_models: dict[str, Path]) -> None:
+    llm = LLM(tiny_models["qwen2_vl"], device="cpu", max_num_seqs=3, max_num_batched_tokens=99)
+    assert (llm.config.max_num_seqs, llm.config.max_num_batched_tokens) == (3, 99)
+    default = LLM(tiny_models["qwen2_vl"], device="cpu")
+    assert (default.config.max_num_seqs, default.config.max_num_batched_tokens) == (256, 8192)
