@@ -137,9 +137,14 @@ __device__ void paged_attention(const AttentionParams& p) {
   T* k_smem = q_smem + ROWS * ROW;                       // [STAGES][ATTN_KEYS][ROW]
   T* v_smem = k_smem + STAGES * ATTN_KEYS * ROW;         // [STAGES][ATTN_KEYS][ROW]
 
-  const int req = p.tiles[2 * blockIdx.x];
+  // Tiles in reverse: the plan lists each request's tiles first to last, and a causal tile's
+  // keys grow with its position, so the CTAs that start first are the longest and the last wave
+  // holds short ones (FlashAttention's order for causal prefill); the plan's unused entries,
+  // listed last, exit first.
+  const int tile = gridDim.x - 1 - blockIdx.x;
+  const int req = p.tiles[2 * tile];
   if (req < 0) return;
-  const int tile_start = p.tiles[2 * blockIdx.x + 1];
+  const int tile_start = p.tiles[2 * tile + 1];
   const int kv_head = blockIdx.y, split = blockIdx.z, num_splits = gridDim.z;
   const int group = p.num_heads / p.num_kv_heads;
   const int tokens_per_tile = ROWS / group;
