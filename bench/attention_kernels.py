@@ -9,7 +9,7 @@
 
 Times are medians of CUDA-graph replays timed with CUDA events (launch gaps excluded, as for a
 decode step that runs in a graph); inputs rotate over enough copies to defeat the 50 MB L2. The
-tile plan (`attention_tiles`) is made beforehand and not timed: the model makes it once a step,
+tile plan (`plan_attention`) is made beforehand and not timed: the model makes it once a step,
 for all its layers (gpu_worker/layers/cuda_attention.py), so a layer's attention is the kernel
 and, for split contexts, the merge.
 
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from workload import markdown_table  # bench/ is the script dir on sys.path
 
-from mm_runtime.gpu_worker import kernels
+from mm_runtime.gpu_worker import paged_attention as pa
 
 BLOCK = 16
 # name: (num_heads, num_kv_heads, head_dim)
@@ -80,35 +80,31 @@ def paged_inputs(
     cache = torch.randn(2, num_blocks, BLOCK, num_kv_heads, head_dim, device="cuda").to(dtype)
     starts = torch.tensor([0, *torch.tensor(query_lens).cumsum(0).tolist()], device="cuda")
     q = torch.randn(int(starts[-1]), num_heads, head_dim, device="cuda").to(dtype)
-    group = num_heads // num_kv_heads
-    # The backend's choice (layers/cuda_attention.py): 16-row tiles for a step of decodes only.
-    decodes = all(n == 1 for n in query_lens) and group <= kernels.DECODE_ROWS
-    rows = kernels.DECODE_ROWS if decodes else kernels.ATTN_ROWS
-    tiles = kernels.attention_tiles(starts, q.shape[0], group, rows)  # once a step
+    lens = torch.tensor(seq_lens, device="cuda")
+    # The model's plan (layers/cuda_attention.py), made once a step.
+    plan = pa.plan_attention(starts, q.shape[0], num_heads // num_kv_heads, num_kv_heads)
     return {
         "q": q,
         "kv_cache": cache,
         "query_start_loc": starts,
-        "seq_lens": torch.tensor(seq_lens, device="cuda"),
+        "seq_lens": lens,
         "block_tables": tables.cuda(),
-        "tiles": tiles,
-        "num_splits": kernels.attention_splits(tiles, q.shape[0], num_kv_heads),
-        "rows": rows,
+        "plan": plan,
     }
 
 
 def run_paged(inputs: dict) -> torch.Tensor:
-    q = inputs["q"]
-    return kernels.paged_attention(
+    q, plan = inputs["q"], inputs["plan"]
+    return pa.paged_attention(
         q,
         inputs["kv_cache"],
         inputs["query_start_loc"],
         inputs["seq_lens"],
         inputs["block_tables"],
-        inputs["tiles"],
+        plan.tiles,
         q.shape[2] ** -0.5,
-        inputs["num_splits"],
-        inputs["rows"],
+        plan.num_splits,
+        plan.rows,
     )
 
 

@@ -22,7 +22,7 @@
 // and a decode step streams the cache at a rate its latency, not its compute, had capped.
 #include "common.cuh"
 
-constexpr int ATTN_ROWS = 64;      // query rows per CTA (4 warps x 16); ATTN_ROWS in kernels.py
+constexpr int ATTN_ROWS = 64;      // query rows per CTA (4 warps x 16); ATTN_ROWS in paged_attention.py
 constexpr int DECODE_ROWS = 16;    // query rows per CTA of the decode kernel; DECODE_ROWS there
 constexpr int ATTN_KEYS = 64;      // keys per K/V tile
 constexpr int ATTN_THREADS = 128;
@@ -343,7 +343,7 @@ __device__ void paged_attention(const AttentionParams& p) {
 // output) with their weights in shared memory; each thread's loop over that list then issues
 // independent loads. (A loop reading one split's values after another waited out a memory
 // latency per split: 64 splits of a batch-1 decode cost tens of microseconds a layer.)
-constexpr int MERGE_MAX_SPLITS = 64;  // MAX_SPLITS in gpu_worker/kernels.py
+constexpr int MERGE_MAX_SPLITS = 64;  // MAX_SPLITS in gpu_worker/paged_attention.py
 
 template <typename T>
 __device__ void attention_merge(T* __restrict__ out, const float* __restrict__ partial_out,

@@ -153,7 +153,7 @@ KERNELS = KernelLibrary()
 _PTR = ctypes.c_void_p
 
 
-def _threads(width: int) -> int:
+def threads_per_row(width: int) -> int:
     """Threads per row block: a multiple of 32 up to 1024, about one element each."""
     return min(1024, max(32, (width + 31) // 32 * 32))
 
@@ -166,7 +166,7 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     if num_tokens:
         name = f"silu_and_mul_{DTYPE_SUFFIX[gate_up.dtype]}"
         args = [(out, _PTR), (gate_up, _PTR), (d, ctypes.c_int)]
-        KERNELS.launch(name, (num_tokens, 1, 1), (_threads(d), 1, 1), args)
+        KERNELS.launch(name, (num_tokens, 1, 1), (threads_per_row(d), 1, 1), args)
     return out
 
 
@@ -190,7 +190,7 @@ def rms_norm(
             (eps, ctypes.c_float),
             (int(residual is not None), ctypes.c_int),
         ]
-        KERNELS.launch(name, (num_tokens, 1, 1), (_threads(hidden), 1, 1), args)
+        KERNELS.launch(name, (num_tokens, 1, 1), (threads_per_row(hidden), 1, 1), args)
     return out, (residual if residual is not None else x)
 
 
@@ -273,7 +273,7 @@ def write_kv_cache(
             (width, ctypes.c_int),
         ]
         name = f"write_kv_cache_{DTYPE_SUFFIX[k.dtype]}"
-        KERNELS.launch(name, (num_tokens, 1, 1), (_threads(width), 1, 1), args)
+        KERNELS.launch(name, (num_tokens, 1, 1), (threads_per_row(width), 1, 1), args)
 
 
 def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
@@ -295,7 +295,7 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch
             (head_dim, ctypes.c_int),
         ]
         name = f"rotary_{DTYPE_SUFFIX[q.dtype]}"
-        KERNELS.launch(name, (num_tokens, 1, 1), (_threads(num_heads * half), 1, 1), args)
+        KERNELS.launch(name, (num_tokens, 1, 1), (threads_per_row(num_heads * half), 1, 1), args)
 
 
 def rotary_kv_cache(
@@ -328,7 +328,7 @@ def rotary_kv_cache(
             (num_kv_heads, ctypes.c_int),
             (head_dim, ctypes.c_int),
         ]
-        threads = _threads((num_heads + num_kv_heads) * head_dim // 2)
+        threads = threads_per_row((num_heads + num_kv_heads) * head_dim // 2)
         name = f"rotary_kv_cache_{DTYPE_SUFFIX[qkv.dtype]}"
         KERNELS.launch(name, (num_tokens, 1, 1), (threads, 1, 1), args)
     return q
@@ -341,7 +341,7 @@ def quick_gelu_(x: torch.Tensor) -> torch.Tensor:
     if n:
         threads = 256
         vectors = -(-n // (16 // x.element_size()))
-        blocks = min(-(-vectors // threads), _num_sms(x.device) * 16)  # grid-stride past that
+        blocks = min(-(-vectors // threads), num_sms(x.device) * 16)  # grid-stride past that
         args = [(x, _PTR), (n, ctypes.c_long)]
         KERNELS.launch(f"quick_gelu_{DTYPE_SUFFIX[x.dtype]}", (blocks, 1, 1), (threads, 1, 1), args)
     return x
@@ -362,7 +362,7 @@ def apply_rotary_vision(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor)
             (num_heads, ctypes.c_int),
             (head_dim, ctypes.c_int),
         ]
-        threads = _threads(num_heads * head_dim // 2)  # one per two pairs of q and of k
+        threads = threads_per_row(num_heads * head_dim // 2)  # one per two pairs of q and of k
         name = f"rotary_vision_{DTYPE_SUFFIX[qkv.dtype]}"
         KERNELS.launch(name, (num_tokens, 1, 1), (threads, 1, 1), args)
 
@@ -417,141 +417,5 @@ def layer_norm(
 
 
 @functools.cache
-def _num_sms(device: torch.device) -> int:
+def num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-# ---- paged attention (csrc/attention.cu) ----
-
-ATTN_ROWS = 64  # query rows per CTA; ATTN_ROWS in csrc/attention.cu
-DECODE_ROWS = 16  # query rows per CTA of paged_decode (steps of decodes only); DECODE_ROWS there
-ATTN_THREADS = 128
-ATTN_HEAD_DIMS = (16, 32, 64, 80, 128)
-MAX_SPLITS = 64  # MERGE_MAX_SPLITS in csrc/attention.cu
-
-
-class _AttentionParams(ctypes.Structure):
-    """Mirror of csrc/attention.cu's AttentionParams (passed by value)."""
-
-    _fields_ = [
-        ("out", ctypes.c_void_p),
-        ("partial_out", ctypes.c_void_p),
-        ("partial_lse", ctypes.c_void_p),
-        ("q", ctypes.c_void_p),
-        ("kv_cache", ctypes.c_void_p),
-        ("query_start_loc", ctypes.c_void_p),
-        ("seq_lens", ctypes.c_void_p),
-        ("block_tables", ctypes.c_void_p),
-        ("tiles", ctypes.c_void_p),
-        ("v_offset", ctypes.c_int64),
-        ("num_tokens", ctypes.c_int32),
-        ("num_heads", ctypes.c_int32),
-        ("num_kv_heads", ctypes.c_int32),
-        ("max_blocks", ctypes.c_int32),
-        ("block_size_log2", ctypes.c_int32),
-        ("scale_log2", ctypes.c_float),
-    ]
-
-
-def attention_tiles(
-    query_start_loc: torch.Tensor, num_tokens: int, group: int, rows: int = ATTN_ROWS
-) -> torch.Tensor:
-    """The step's query tiles [capacity, 2] int32 (request, first query token; request -1 for
-    unused entries) of `rows` query rows (ATTN_ROWS, or DECODE_ROWS for paged_decode), listed
-    on the device. capacity = ceil(num_tokens / tokens_per_tile) + num_reqs bounds the count
-    from shapes alone, so a CUDA graph can capture it."""
-    assert query_start_loc.dtype == torch.int64 and 1 <= group <= rows
-    num_reqs = query_start_loc.shape[0] - 1
-    tokens_per_tile = rows // group
-    capacity = -(-num_tokens // tokens_per_tile) + num_reqs
-    tiles = torch.empty(capacity, 2, dtype=torch.int32, device=query_start_loc.device)
-    args = [
-        (tiles, _PTR),
-        (query_start_loc, _PTR),
-        (num_reqs, ctypes.c_int),
-        (tokens_per_tile, ctypes.c_int),
-        (capacity, ctypes.c_int),
-    ]
-    KERNELS.launch("attention_plan", (1, 1, 1), (1024, 1, 1), args)
-    return tiles
-
-
-def attention_splits(tiles: torch.Tensor, num_tokens: int, num_kv_heads: int) -> int:
-    """How many CTAs share each tile's keys: as many as two CTAs an SM hold in one wave when the
-    batch alone gives fewer than one an SM. Counts the tiles with work: at most one per query
-    token, however many entries the plan has room for (its capacity has a spare per request).
-    Depends on shapes only (CUDA graphs replay it); a CTA whose slice of a short context is
-    empty exits at once."""
-    num_sms = _num_sms(tiles.device)
-    ctas = min(tiles.shape[0], num_tokens) * num_kv_heads
-    return 1 if ctas >= num_sms else max(1, min(MAX_SPLITS, 2 * num_sms // ctas))
-
-
-def paged_attention(
-    q: torch.Tensor,  # [num_tokens, num_heads, head_dim]
-    kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
-    query_start_loc: torch.Tensor,  # [num_reqs + 1] int64
-    seq_lens: torch.Tensor,  # [num_reqs] int64
-    block_tables: torch.Tensor,  # [num_reqs, max_blocks] int64
-    tiles: torch.Tensor,  # from attention_tiles
-    scale: float,
-    num_splits: int = 1,
-    rows: int = ATTN_ROWS,
-) -> torch.Tensor:
-    """Causal attention of every query over its request's cached context (the CUDA twin of
-    TorchAttentionBackend after the cache write); [num_tokens, num_heads, head_dim]. `rows`:
-    the tiles' query rows, as `attention_tiles` made them (DECODE_ROWS runs paged_decode)."""
-    num_tokens, num_heads, head_dim = q.shape
-    block_size, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3]
-    assert q.is_contiguous() and kv_cache.is_contiguous() and block_tables.is_contiguous()
-    assert q.dtype == kv_cache.dtype and q.dtype in (torch.float16, torch.bfloat16)
-    assert head_dim in ATTN_HEAD_DIMS and kv_cache.shape[4] == head_dim
-    assert num_heads % num_kv_heads == 0 and block_size & (block_size - 1) == 0
-    assert seq_lens.dtype == block_tables.dtype == torch.int64
-    out = torch.empty_like(q)
-    if num_tokens == 0:
-        return out
-    partial_out = partial_lse = None
-    if num_splits > 1:
-        partial_out = torch.empty(num_splits, *q.shape, dtype=torch.float32, device=q.device)
-        partial_lse = torch.empty(num_splits, num_tokens, num_heads, device=q.device)
-    params = _AttentionParams(
-        out.data_ptr(),
-        0 if partial_out is None else partial_out.data_ptr(),
-        0 if partial_lse is None else partial_lse.data_ptr(),
-        q.data_ptr(),
-        kv_cache.data_ptr(),
-        query_start_loc.data_ptr(),
-        seq_lens.data_ptr(),
-        block_tables.data_ptr(),
-        tiles.data_ptr(),
-        kv_cache[0].numel(),
-        num_tokens,
-        num_heads,
-        num_kv_heads,
-        block_tables.shape[1],
-        block_size.bit_length() - 1,
-        scale * 1.4426950408889634,  # log2(e)
-    )
-    suffix = DTYPE_SUFFIX[q.dtype]
-    row = head_dim + 8  # SMEM_PAD
-    assert rows in (ATTN_ROWS, DECODE_ROWS)
-    stages = 2 if rows == ATTN_ROWS else 3  # the kernels' STAGES
-    shared_bytes = (rows + 2 * stages * 64) * row * q.element_size()  # Q + the stages' K and V
-    grid = (tiles.shape[0], num_kv_heads, num_splits)
-    kind = "attention" if rows == ATTN_ROWS else "decode"
-    name = f"paged_{kind}_{suffix}_d{head_dim}"
-    KERNELS.launch(name, grid, (ATTN_THREADS, 1, 1), [(params, None)], shared_bytes)
-    if num_splits > 1:
-        args = [
-            (out, _PTR),
-            (partial_out, _PTR),
-            (partial_lse, _PTR),
-            (num_splits, ctypes.c_int),
-            (num_tokens, ctypes.c_int),
-            (num_heads, ctypes.c_int),
-            (head_dim, ctypes.c_int),
-        ]
-        grid = (num_tokens, num_heads, 1)
-        KERNELS.launch(f"attention_merge_{suffix}", grid, (_threads(head_dim), 1, 1), args)
-    return out

@@ -37,8 +37,8 @@ class AttentionMetadata:
     max_query_len: int
     max_seq_len: int
     # Filled lazily by the backend at the step's first layer (the torch path's gather indices
-    # and mask, the CUDA path's tile list).
-    backend_state: dict[str, Any] | None = None
+    # and mask, the CUDA path's paged_attention.AttentionPlan).
+    backend_state: Any = None
 
     @property
     def num_reqs(self) -> int:

@@ -7,7 +7,7 @@ first layer's call), so a decode step can be captured in a CUDA graph and replay
 
 import torch
 
-from mm_runtime.gpu_worker import kernels
+from mm_runtime.gpu_worker import kernels, paged_attention
 from mm_runtime.gpu_worker.layers.attention import AttentionBackend, AttentionMetadata
 from mm_runtime.gpu_worker.layers.rotary import RotaryEmbedding
 
@@ -17,7 +17,9 @@ class CudaAttentionBackend(AttentionBackend):
 
     @staticmethod
     def supports(dtype: torch.dtype, head_dim: int) -> bool:
-        return dtype in (torch.float16, torch.bfloat16) and head_dim in kernels.ATTN_HEAD_DIMS
+        return (
+            dtype in (torch.float16, torch.bfloat16) and head_dim in paged_attention.ATTN_HEAD_DIMS
+        )
 
     def forward(
         self,
@@ -51,25 +53,22 @@ class CudaAttentionBackend(AttentionBackend):
     ) -> torch.Tensor:
         """Paged attention of q over the cache, which holds the step's K/V already."""
         num_kv_heads = kv_cache.shape[3]
-        group = q.shape[1] // num_kv_heads
         if meta.backend_state is None:
-            # A step of decodes only (as many tokens as requests, a shape: graphs capture it)
-            # takes the 16-row kernel, whose shared memory carries more keys in flight.
-            decodes = q.shape[0] == meta.query_start_loc.shape[0] - 1
-            small_tiles = decodes and group <= kernels.DECODE_ROWS
-            rows = kernels.DECODE_ROWS if small_tiles else kernels.ATTN_ROWS
-            tiles = kernels.attention_tiles(meta.query_start_loc, q.shape[0], group, rows)
-            splits = kernels.attention_splits(tiles, q.shape[0], num_kv_heads)
-            meta.backend_state = {"tiles": tiles, "num_splits": splits, "rows": rows}
-        state = meta.backend_state
-        return kernels.paged_attention(
+            meta.backend_state = paged_attention.plan_attention(
+                meta.query_start_loc,
+                q.shape[0],
+                q.shape[1] // num_kv_heads,
+                num_kv_heads,
+            )
+        plan = meta.backend_state
+        return paged_attention.paged_attention(
             q.contiguous(),
             kv_cache,
             meta.query_start_loc,
             meta.seq_lens,
             meta.block_tables,
-            state["tiles"],
+            plan.tiles,
             scale,
-            state["num_splits"],
-            state["rows"],
+            plan.num_splits,
+            plan.rows,
         )

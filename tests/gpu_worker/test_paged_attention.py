@@ -94,16 +94,16 @@ def run_kernel(
     case: Case, scale: float, num_splits: int | None = None, rows: int | None = None
 ) -> torch.Tensor:
     """paged_attention (rows None or ATTN_ROWS) or paged_decode (rows DECODE_ROWS)."""
-    from mm_runtime.gpu_worker import kernels
+    from mm_runtime.gpu_worker import paged_attention as pa
 
     num_kv_heads = case.kv_cache.shape[3]
     group = case.q.shape[1] // num_kv_heads
-    rows = rows or kernels.ATTN_ROWS
-    tiles = kernels.attention_tiles(case.query_start_loc, case.q.shape[0], group, rows)
+    rows = rows or pa.ATTN_ROWS
+    tiles = pa.attention_tiles(case.query_start_loc, case.q.shape[0], group, rows)
     if num_splits is None:
-        num_splits = kernels.attention_splits(tiles, case.q.shape[0], num_kv_heads)
+        num_splits = pa.attention_splits(tiles, case.q.shape[0], num_kv_heads)
     torch.full((case.q.numel(),), float("nan"), dtype=case.q.dtype, device="cuda")  # poison
-    return kernels.paged_attention(
+    return pa.paged_attention(
         case.q,
         case.kv_cache,
         case.query_start_loc,
@@ -189,13 +189,27 @@ def test_decode_kernel_on_ragged_batches(seed: int) -> None:
     check(case, run_kernel(case, 0.1, rows=16), 0.1)
 
 
+def test_plan_takes_16_row_tiles_for_steps_of_decodes_only() -> None:
+    """Decodes only (as many tokens as requests) and a GQA group of at most 16: paged_decode's
+    16-row tiles, one a request; a prefill chunk in the step, or a larger group: 64 rows."""
+    from mm_runtime.gpu_worker import paged_attention as pa
+
+    decodes = torch.arange(5, device="cuda")  # 4 requests of one query token
+    plan = pa.plan_attention(decodes, 4, group=6, num_kv_heads=2)
+    assert plan.rows == pa.DECODE_ROWS
+    assert plan.tiles[:4, 0].tolist() == [0, 1, 2, 3] and plan.num_splits >= 1
+    assert pa.plan_attention(decodes, 4, group=32, num_kv_heads=1).rows == pa.ATTN_ROWS
+    mixed = torch.tensor([0, 1, 2, 300], device="cuda")  # two decodes and a 298-token chunk
+    assert pa.plan_attention(mixed, 300, group=6, num_kv_heads=2).rows == pa.ATTN_ROWS
+
+
 def test_tiles_list_every_query_once() -> None:
-    from mm_runtime.gpu_worker import kernels
+    from mm_runtime.gpu_worker import paged_attention as pa
 
     query_lens = [1, 64, 65, 10, 1, 0, 129] * 300  # over 1024 requests: the scan's chunks
     starts = torch.tensor([0, *torch.tensor(query_lens).cumsum(0).tolist()], device="cuda")
     for group in (1, 6, 7, 64):
-        tiles = kernels.attention_tiles(starts, int(starts[-1]), group).cpu()
+        tiles = pa.attention_tiles(starts, int(starts[-1]), group).cpu()
         per_tile = 64 // group
         used = tiles[tiles[:, 0] >= 0]
         expected = [(r, s) for r, n in enumerate(query_lens) for s in range(0, n, per_tile)]

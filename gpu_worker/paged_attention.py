@@ -1,0 +1,175 @@
+"""Paged attention over the KV cache (csrc/attention.cu): the step's plan and the kernels.
+
+`plan_attention` makes a step's plan once, on the device, from shapes and device tensors only
+(a decode step's CUDA graph captures it): which kernel (64-row tiles for prefill chunks and mixed
+steps, 16-row ones for steps of decodes only), the list of query tiles, and how many CTAs split
+each tile's keys. `paged_attention` runs it for one layer. The torch reference is
+gpu_worker/layers/attention.py's TorchAttentionBackend; tests/gpu_worker/test_paged_attention.py
+compares the two.
+"""
+
+import ctypes
+from dataclasses import dataclass
+
+import torch
+
+from mm_runtime.gpu_worker.kernels import DTYPE_SUFFIX, KERNELS, num_sms, threads_per_row
+
+_PTR = ctypes.c_void_p
+
+ATTN_ROWS = 64  # query rows per CTA; ATTN_ROWS in csrc/attention.cu
+DECODE_ROWS = 16  # query rows per CTA of paged_decode (steps of decodes only); DECODE_ROWS there
+ATTN_THREADS = 128
+ATTN_HEAD_DIMS = (16, 32, 64, 80, 128)
+MAX_SPLITS = 64  # MERGE_MAX_SPLITS in csrc/attention.cu
+
+
+class _AttentionParams(ctypes.Structure):
+    """Mirror of csrc/attention.cu's AttentionParams (passed by value)."""
+
+    _fields_ = [
+        ("out", ctypes.c_void_p),
+        ("partial_out", ctypes.c_void_p),
+        ("partial_lse", ctypes.c_void_p),
+        ("q", ctypes.c_void_p),
+        ("kv_cache", ctypes.c_void_p),
+        ("query_start_loc", ctypes.c_void_p),
+        ("seq_lens", ctypes.c_void_p),
+        ("block_tables", ctypes.c_void_p),
+        ("tiles", ctypes.c_void_p),
+        ("v_offset", ctypes.c_int64),
+        ("num_tokens", ctypes.c_int32),
+        ("num_heads", ctypes.c_int32),
+        ("num_kv_heads", ctypes.c_int32),
+        ("max_blocks", ctypes.c_int32),
+        ("block_size_log2", ctypes.c_int32),
+        ("scale_log2", ctypes.c_float),
+    ]
+
+
+def attention_tiles(
+    query_start_loc: torch.Tensor, num_tokens: int, group: int, rows: int = ATTN_ROWS
+) -> torch.Tensor:
+    """The step's query tiles [capacity, 2] int32 (request, first query token; request -1 for
+    unused entries) of `rows` query rows (ATTN_ROWS, or DECODE_ROWS for paged_decode), listed
+    on the device. capacity = ceil(num_tokens / tokens_per_tile) + num_reqs bounds the count
+    from shapes alone, so a CUDA graph can capture it."""
+    assert query_start_loc.dtype == torch.int64 and 1 <= group <= rows
+    num_reqs = query_start_loc.shape[0] - 1
+    tokens_per_tile = rows // group
+    capacity = -(-num_tokens // tokens_per_tile) + num_reqs
+    tiles = torch.empty(capacity, 2, dtype=torch.int32, device=query_start_loc.device)
+    args = [
+        (tiles, _PTR),
+        (query_start_loc, _PTR),
+        (num_reqs, ctypes.c_int),
+        (tokens_per_tile, ctypes.c_int),
+        (capacity, ctypes.c_int),
+    ]
+    KERNELS.launch("attention_plan", (1, 1, 1), (1024, 1, 1), args)
+    return tiles
+
+
+def attention_splits(tiles: torch.Tensor, num_tokens: int, num_kv_heads: int) -> int:
+    """How many CTAs share each tile's keys: as many as two CTAs an SM hold in one wave when the
+    batch alone gives fewer than one an SM. Counts the tiles with work: at most one per query
+    token, however many entries the plan has room for (its capacity has a spare per request).
+    Depends on shapes only (CUDA graphs replay it); a CTA whose slice of a short context is
+    empty exits at once."""
+    sms = num_sms(tiles.device)
+    ctas = min(tiles.shape[0], num_tokens) * num_kv_heads
+    return 1 if ctas >= sms else max(1, min(MAX_SPLITS, 2 * sms // ctas))
+
+
+@dataclass
+class AttentionPlan:
+    """A step's paged attention, the same for every layer (see `plan_attention`)."""
+
+    tiles: torch.Tensor  # [capacity, 2] int32, as the kernel runs them (from the end)
+    num_splits: int  # CTAs sharing each tile's keys
+    rows: int  # query rows a tile: ATTN_ROWS, or DECODE_ROWS (the paged_decode kernel)
+
+
+def plan_attention(
+    query_start_loc: torch.Tensor,  # [num_reqs + 1] int64
+    num_tokens: int,
+    group: int,  # query heads a KV head
+    num_kv_heads: int,
+) -> AttentionPlan:
+    """The step's plan. A step of decodes only (as many tokens as requests: a shape, so graphs
+    capture it) takes the 16-row kernel, whose shared memory carries more keys in flight; other
+    steps take 64-row tiles."""
+    decodes = num_tokens == query_start_loc.shape[0] - 1
+    rows = DECODE_ROWS if decodes and group <= DECODE_ROWS else ATTN_ROWS
+    tiles = attention_tiles(query_start_loc, num_tokens, group, rows)
+    return AttentionPlan(tiles, attention_splits(tiles, num_tokens, num_kv_heads), rows)
+
+
+def paged_attention(
+    q: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+    kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
+    query_start_loc: torch.Tensor,  # [num_reqs + 1] int64
+    seq_lens: torch.Tensor,  # [num_reqs] int64
+    block_tables: torch.Tensor,  # [num_reqs, max_blocks] int64
+    tiles: torch.Tensor,  # from attention_tiles
+    scale: float,
+    num_splits: int = 1,
+    rows: int = ATTN_ROWS,
+) -> torch.Tensor:
+    """Causal attention of every query over its request's cached context (the CUDA twin of
+    TorchAttentionBackend after the cache write); [num_tokens, num_heads, head_dim]. `rows`:
+    the tiles' query rows, as `attention_tiles` made them (DECODE_ROWS runs paged_decode)."""
+    num_tokens, num_heads, head_dim = q.shape
+    block_size, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3]
+    assert q.is_contiguous() and kv_cache.is_contiguous() and block_tables.is_contiguous()
+    assert q.dtype == kv_cache.dtype and q.dtype in (torch.float16, torch.bfloat16)
+    assert head_dim in ATTN_HEAD_DIMS and kv_cache.shape[4] == head_dim
+    assert num_heads % num_kv_heads == 0 and block_size & (block_size - 1) == 0
+    assert seq_lens.dtype == block_tables.dtype == torch.int64
+    out = torch.empty_like(q)
+    if num_tokens == 0:
+        return out
+    partial_out = partial_lse = None
+    if num_splits > 1:
+        partial_out = torch.empty(num_splits, *q.shape, dtype=torch.float32, device=q.device)
+        partial_lse = torch.empty(num_splits, num_tokens, num_heads, device=q.device)
+    params = _AttentionParams(
+        out.data_ptr(),
+        0 if partial_out is None else partial_out.data_ptr(),
+        0 if partial_lse is None else partial_lse.data_ptr(),
+        q.data_ptr(),
+        kv_cache.data_ptr(),
+        query_start_loc.data_ptr(),
+        seq_lens.data_ptr(),
+        block_tables.data_ptr(),
+        tiles.data_ptr(),
+        kv_cache[0].numel(),
+        num_tokens,
+        num_heads,
+        num_kv_heads,
+        block_tables.shape[1],
+        block_size.bit_length() - 1,
+        scale * 1.4426950408889634,  # log2(e)
+    )
+    suffix = DTYPE_SUFFIX[q.dtype]
+    row = head_dim + 8  # SMEM_PAD
+    assert rows in (ATTN_ROWS, DECODE_ROWS)
+    stages = 2 if rows == ATTN_ROWS else 3  # the kernels' STAGES
+    shared_bytes = (rows + 2 * stages * 64) * row * q.element_size()  # Q + the stages' K and V
+    grid = (tiles.shape[0], num_kv_heads, num_splits)
+    kind = "attention" if rows == ATTN_ROWS else "decode"
+    name = f"paged_{kind}_{suffix}_d{head_dim}"
+    KERNELS.launch(name, grid, (ATTN_THREADS, 1, 1), [(params, None)], shared_bytes)
+    if num_splits > 1:
+        args = [
+            (out, _PTR),
+            (partial_out, _PTR),
+            (partial_lse, _PTR),
+            (num_splits, ctypes.c_int),
+            (num_tokens, ctypes.c_int),
+            (num_heads, ctypes.c_int),
+            (head_dim, ctypes.c_int),
+        ]
+        grid = (num_tokens, num_heads, 1)
+        KERNELS.launch(f"attention_merge_{suffix}", grid, (threads_per_row(head_dim), 1, 1), args)
+    return out
