@@ -13,7 +13,7 @@ tile plan (`plan_attention`) is made beforehand and not timed: the model makes i
 for all its layers (gpu_worker/layers/cuda_attention.py), so a layer's attention is the kernel
 and, for split contexts, the merge.
 
-    python bench/attention_kernels.py [--json bench/results/attention.json]
+    python bench/attention_kernels.py [--json bench/results/attention.json] [--sweep-splits 1 2 4]
 """
 
 import argparse
@@ -93,7 +93,8 @@ def paged_inputs(
     }
 
 
-def run_paged(inputs: dict) -> torch.Tensor:
+def run_paged(inputs: dict, num_splits: int | None = None) -> torch.Tensor:
+    """One layer's paged attention on `inputs`, with the plan's splits or `num_splits`."""
     q, plan = inputs["q"], inputs["plan"]
     return pa.paged_attention(
         q,
@@ -103,12 +104,14 @@ def run_paged(inputs: dict) -> torch.Tensor:
         inputs["block_tables"],
         plan.tiles,
         q.shape[2] ** -0.5,
-        plan.num_splits,
+        num_splits or plan.num_splits,
         plan.rows,
     )
 
 
-def decode_case(model: str, batch: int, context: int, copy_gbs: float) -> dict:
+def decode_case(
+    model: str, batch: int, context: int, copy_gbs: float, sweep: list[int] | None = None
+) -> dict:
     heads = MODELS[model]
     num_heads, num_kv_heads, head_dim = heads
     kv_bytes = batch * context * num_kv_heads * head_dim * 2 * 2  # K and V, bf16
@@ -120,6 +123,10 @@ def decode_case(model: str, batch: int, context: int, copy_gbs: float) -> dict:
     ms = time_graph(lambda: [run_paged(s) for s in sets]) / copies
     qo_bytes = 2 * batch * num_heads * head_dim * 2
     gbs = (kv_bytes + qo_bytes) / ms / 1e6
+    # The same with each split count of `sweep` forced (the plan picks one from shapes only).
+    sweep_ms = {
+        n: time_graph(lambda n=n: [run_paged(s, n) for s in sets]) / copies for n in sweep or []
+    }
     return {
         "model": model,
         "batch": batch,
@@ -127,6 +134,8 @@ def decode_case(model: str, batch: int, context: int, copy_gbs: float) -> dict:
         "ms": ms,
         "GB/s": gbs,
         "of_copy": gbs / copy_gbs,
+        "num_splits": sets[0]["plan"].num_splits,
+        "sweep_ms": sweep_ms,
     }
 
 
@@ -160,12 +169,21 @@ def prefill_case(model: str, batch: int, length: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", default=None, help="write all rows to this file")
+    parser.add_argument(
+        "--sweep-splits",
+        nargs="+",
+        type=int,
+        default=None,
+        help="also time each decode case with these split counts forced",
+    )
     args = parser.parse_args()
+    if any(not 1 <= n <= pa.MAX_SPLITS for n in args.sweep_splits or []):
+        parser.error(f"--sweep-splits: 1 to {pa.MAX_SPLITS}")
     torch.manual_seed(0)
     device = torch.cuda.get_device_name()
     copy_gbs = copy_bandwidth()
     decode = [
-        decode_case(m, b, c, copy_gbs)
+        decode_case(m, b, c, copy_gbs, args.sweep_splits)
         for m, b, c in [
             ("qwen2-vl-2b", 1, 4096),
             ("qwen2-vl-2b", 1, 32768),
@@ -199,6 +217,15 @@ def main() -> None:
         for r in decode
     ]
     print(markdown_table(header, table))
+    if args.sweep_splits:
+        print("(a) with the split count forced (the plan's in the fourth column)")
+        header = ["model", "batch", "context", "plan"] + [f"{n} splits" for n in args.sweep_splits]
+        table = [
+            [r["model"], str(r["batch"]), str(r["context"]), str(r["num_splits"])]
+            + [f"{r['sweep_ms'][n] * 1e3:.1f} us" for n in args.sweep_splits]
+            for r in decode
+        ]
+        print(markdown_table(header, table))
     print("(b) prefill attention (causal), bf16")
     header = ["model", "batch x length", "ours", "ours TFLOP/s", "SDPA flash", "SDPA TFLOP/s"]
     table = [
