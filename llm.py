@@ -8,7 +8,7 @@ import itertools
 import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -264,12 +264,14 @@ def _batch_defaults(device: torch.device) -> tuple[int, int]:
     """(max_num_seqs, max_num_batched_tokens) for an LLM that names neither: vLLM V1's defaults
     for its LLM class (EngineArgs.get_batch_defaults). An offline batch has no latency to keep,
     so on a GPU of 70 GiB or more 1024 requests run at once, in steps of up to 16384 tokens;
-    not on an A100, where vLLM measured the larger step slower. Elsewhere 256 and 8192."""
+    not on an A100, where vLLM measured the larger step slower. Elsewhere GpuWorkerConfig's own
+    (256 and 8192), as the server's."""
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         if props.total_memory >= 70 * 2**30 and "A100" not in props.name:
             return 1024, 16384
-    return 256, 8192
+    defaults = {f.name: f.default for f in fields(GpuWorkerConfig)}
+    return defaults["max_num_seqs"], defaults["max_num_batched_tokens"]
 
 
 def _load_image(source: object) -> tuple[Image.Image, np.ndarray | None, str]:

@@ -4,7 +4,7 @@
 Each request: one image of a random size (336x336 .. 1920x1080), a short question, 64-256 output
 tokens with ignore_eos. Prints requests/s, output tokens/s and mean engine step time for ours
 (with --repeats, of the median of that many runs, each on a fresh LLM: one workload's throughput
-has varied by 10 % from run to run on one GPU), the same for HF (`generate` over padded batches
+has varied by 11 % from run to run on one GPU), the same for HF (`generate` over padded batches
 of --hf-batch-size; a batch runs to its longest request, only the requested tokens count), and
 the ratio. On a GPU, also the workload's hardware
 floor (bench/floor.py: FLOPs of prefill at the measured matmul rate, bytes of decode at the

@@ -99,7 +99,7 @@ def _resize_as_uint8_passes(image: torch.Tensor, size: tuple[int, int], mode: st
     then the height pass, likewise (an antialiased pass at an unchanged size is skipped, as
     there; it would be the identity)."""
     pixels = image.unsqueeze(0).float()
-    height, width = pixels.shape[-2:]
+    height = pixels.shape[-2]
     for pass_size in ((height, size[1]), size):
         if tuple(pixels.shape[-2:]) != tuple(pass_size):
             pixels = F.interpolate(pixels, size=pass_size, mode=mode, antialias=True)
