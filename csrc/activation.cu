@@ -16,7 +16,7 @@ __device__ void silu_and_mul(T* __restrict__ out, const T* __restrict__ in, int 
 }
 
 #define SILU_AND_MUL(NAME, T) \
-  extern "C" __global__ void silu_and_mul_##NAME(T* out, const T* in, int d) { silu_and_mul<T>(out, in, d); }
+  extern "C" __global__ void silu_and_mul_##NAME(T* out, const T* in, int d) { pdl_begin(); silu_and_mul<T>(out, in, d); }
 MM_FOR_EACH_DTYPE(SILU_AND_MUL)
 
 // QuickGELU, x * sigmoid(1.702 x), in place over n elements: one read and one write, where
@@ -46,5 +46,5 @@ __device__ void quick_gelu(T* __restrict__ x, long n) {
 }
 
 #define QUICK_GELU(NAME, T) \
-  extern "C" __global__ void quick_gelu_##NAME(T* x, long n) { quick_gelu<T>(x, n); }
+  extern "C" __global__ void quick_gelu_##NAME(T* x, long n) { pdl_begin(); quick_gelu<T>(x, n); }
 MM_FOR_EACH_DTYPE(QUICK_GELU)

@@ -86,6 +86,7 @@ extern "C" __global__ void attention_plan(int* __restrict__ tiles, const long* _
                                           int num_reqs, int tokens_per_tile, int capacity) {
   __shared__ int scan[1024];
   __shared__ int carry;
+  pdl_begin();
   if (threadIdx.x == 0) carry = 0;
   __syncthreads();
   for (int base = 0; base < num_reqs; base += blockDim.x) {
@@ -403,11 +404,11 @@ __device__ void attention_merge(T* __restrict__ out, const float* __restrict__ p
 #define PAGED_ATTENTION(NAME, T, D)                                                                \
   extern "C" __global__ void __launch_bounds__(ATTN_THREADS)                                       \
       paged_attention_##NAME##_d##D(const AttentionParams p) {                                     \
-    paged_attention<T, D, ATTN_ROWS, 2>(p);                                                        \
+    pdl_begin(); paged_attention<T, D, ATTN_ROWS, 2>(p);                                                      \
   }                                                                                                \
   extern "C" __global__ void __launch_bounds__(ATTN_THREADS)                                       \
       paged_decode_##NAME##_d##D(const AttentionParams p) {                                        \
-    paged_attention<T, D, DECODE_ROWS, 3>(p);                                                      \
+    pdl_begin(); paged_attention<T, D, DECODE_ROWS, 3>(p);                                                    \
   }
 // 64/80/128: the served models; 16/32: the tiny test models, so they take the same path on GPU.
 #define PAGED_ATTENTION_ALL_DIMS(NAME, T)                                                     \
@@ -420,6 +421,7 @@ PAGED_ATTENTION_ALL_DIMS(bf16, __nv_bfloat16)
   extern "C" __global__ void attention_merge_##NAME(T* out, const float* partial_out,              \
                                                     const float* partial_lse, int num_splits,      \
                                                     int num_tokens, int num_heads, int head_dim) { \
+    pdl_begin();                                                                                   \
     attention_merge<T>(out, partial_out, partial_lse, num_splits, num_tokens, num_heads, head_dim); \
   }
 ATTENTION_MERGE(f16, __half)

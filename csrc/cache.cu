@@ -19,6 +19,6 @@ __device__ void write_kv_cache(T* __restrict__ cache, const T* __restrict__ k, c
   extern "C" __global__ void write_kv_cache_##NAME(T* cache, const T* k, const T* v,             \
                                                    const long* slot_mapping, long v_offset,      \
                                                    int width) {                                  \
-    write_kv_cache<T>(cache, k, v, slot_mapping, v_offset, width);                              \
+    pdl_begin(); write_kv_cache<T>(cache, k, v, slot_mapping, v_offset, width);                            \
   }
 MM_FOR_EACH_DTYPE(WRITE_KV_CACHE)

@@ -38,5 +38,29 @@ __device__ __forceinline__ float block_sum(float value) {
   return value;
 }
 
+// Programmatic dependent launch (sm_90+). Inside a CUDA graph, gpu_worker/kernels.py launches
+// every kernel of csrc/ allowed to start before the kernel ahead of it in the stream has ended,
+// so its launch and ramp-up hide under that kernel's tail (at batch 1 a decode step is some 250
+// short kernels). pdl_wait() returns once the kernel ahead has ended and its writes are visible:
+// a kernel calls it before it reads an earlier kernel's output or writes anything, so starting
+// early never shows it a half-written input nor lets it overwrite one still being read; and since
+// every kernel waits, "the kernel ahead has ended" covers all kernels before it. Only the weight
+// loads of csrc/gemv.cu (nothing writes weights) come before. pdl_launch_dependents() lets the
+// next kernel start. Outside a graph, or launched the usual way, both do nothing.
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_begin() {
+  pdl_wait();
+  pdl_launch_dependents();
+}
+
 // One extern "C" entry point per storage type: NAME_f32, NAME_f16, NAME_bf16.
 #define MM_FOR_EACH_DTYPE(MACRO) MACRO(f32, float) MACRO(f16, __half) MACRO(bf16, __nv_bfloat16)

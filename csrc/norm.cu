@@ -31,7 +31,7 @@ __device__ void rms_norm(T* __restrict__ out, T* __restrict__ residual, const T*
 #define RMS_NORM(NAME, T)                                                                          \
   extern "C" __global__ void rms_norm_##NAME(T* out, T* residual, const T* x, const T* weight,      \
                                              int hidden, float eps, int has_residual) {             \
-    rms_norm<T>(out, residual, x, weight, hidden, eps, has_residual);                               \
+    pdl_begin(); rms_norm<T>(out, residual, x, weight, hidden, eps, has_residual);                             \
   }
 MM_FOR_EACH_DTYPE(RMS_NORM)
 
@@ -106,7 +106,7 @@ __device__ void layer_norm(T* __restrict__ out, T* __restrict__ residual, const 
   extern "C" __global__ void layer_norm_v##VECS##_##NAME(T* out, T* residual, const T* x,          \
                                                          const T* weight, const T* bias, long rows, \
                                                          int hidden, float eps, int has_residual) { \
-    layer_norm<T, VECS>(out, residual, x, weight, bias, rows, hidden, eps, has_residual);          \
+    pdl_begin(); layer_norm<T, VECS>(out, residual, x, weight, bias, rows, hidden, eps, has_residual);        \
   }
 #define LAYER_NORM(NAME, T) \
   LAYER_NORM_VECS(NAME, T, 2) LAYER_NORM_VECS(NAME, T, 4) LAYER_NORM_VECS(NAME, T, 8) LAYER_NORM_VECS(NAME, T, 16)

@@ -38,7 +38,7 @@ __device__ void rotary(T* q, T* k, const T* cos, const T* sin, int num_heads, in
 #define ROTARY(NAME, T)                                                                            \
   extern "C" __global__ void rotary_##NAME(T* q, T* k, const T* cos, const T* sin, int num_heads,  \
                                            int num_kv_heads, int head_dim) {                       \
-    rotary<T>(q, k, cos, sin, num_heads, num_kv_heads, head_dim);                                  \
+    pdl_begin(); rotary<T>(q, k, cos, sin, num_heads, num_kv_heads, head_dim);                                \
   }
 MM_FOR_EACH_DTYPE(ROTARY)
 
@@ -86,6 +86,7 @@ __device__ void rotary_kv_cache(T* __restrict__ q_out, T* __restrict__ cache, co
                                                     const T* sin, const long* slot_mapping,        \
                                                     long v_offset, int num_heads,                  \
                                                     int num_kv_heads, int head_dim) {              \
+    pdl_begin();                                                                                   \
     rotary_kv_cache<T>(q_out, cache, qkv, cos, sin, slot_mapping, v_offset, num_heads,             \
                        num_kv_heads, head_dim);                                                    \
   }
@@ -123,6 +124,6 @@ __device__ void rotary_vision(T* __restrict__ qkv, const float* __restrict__ cos
 #define ROTARY_VISION(NAME, T)                                                                     \
   extern "C" __global__ void rotary_vision_##NAME(T* qkv, const float* cos, const float* sin,      \
                                                   int num_heads, int head_dim) {                   \
-    rotary_vision<T>(qkv, cos, sin, num_heads, head_dim);                                          \
+    pdl_begin(); rotary_vision<T>(qkv, cos, sin, num_heads, head_dim);                                        \
   }
 MM_FOR_EACH_DTYPE(ROTARY_VISION)

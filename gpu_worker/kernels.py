@@ -14,6 +14,7 @@ import hashlib
 import logging
 import os
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -146,10 +147,35 @@ class KernelLibrary:
         values = tuple(v.data_ptr() if isinstance(v, torch.Tensor) else v for v, _ in args)
         types = tuple(t for _, t in args)
         stream = torch.cuda.current_stream().cuda_stream
-        _check(driver.cuLaunchKernel(fn, *grid, *block, shared_bytes, stream, (values, types), 0))
+        params = (values, types)
+        if not (torch.cuda.is_current_stream_capturing() and _has_pdl()):
+            _check(driver.cuLaunchKernel(fn, *grid, *block, shared_bytes, stream, params, 0))
+            return
+        # In a CUDA graph: programmatic dependent launch (csrc/common.cuh's pdl_wait says why
+        # this is safe); the graph keeps the edge as a programmatic one.
+        config = driver.CUlaunchConfig()
+        config.gridDimX, config.gridDimY, config.gridDimZ = grid
+        config.blockDimX, config.blockDimY, config.blockDimZ = block
+        config.sharedMemBytes = shared_bytes
+        config.hStream = stream
+        attr = driver.CUlaunchAttribute()
+        attr.id = driver.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+        attr.value.programmaticStreamSerializationAllowed = 1
+        config.attrs = [attr]
+        config.numAttrs = 1
+        _check(driver.cuLaunchKernelEx(config, fn, params, 0))
 
 
 KERNELS = KernelLibrary()
+
+
+@functools.cache
+def _has_pdl() -> bool:
+    """Programmatic dependent launch: Hopper (sm_90) and later, unless MM_RUNTIME_PDL=0 (to
+    measure what it gains: bench/decode_step.py)."""
+    return torch.cuda.get_device_capability()[0] >= 9 and os.environ.get("MM_RUNTIME_PDL") != "0"
+
+
 _PTR = ctypes.c_void_p
 
 
@@ -194,17 +220,46 @@ def rms_norm(
     return out, (residual if residual is not None else x)
 
 
-GEMV_WARPS = 8  # warps per block of csrc/gemv.cu's norm_gemv
-GEMV_ROWS = 2  # output rows per warp
+GEMV_WARPS = 8  # warps per block of csrc/gemv.cu
 GEMV_MAX_TOKENS = 4  # token rows it is instantiated for (1 to 4)
+GEMV_SHAPES = ((2, 2), (2, 4), (4, 2), (4, 4))  # (weight rows a warp, vectors a lane a row)
+GEMV_WARPS_PER_SM = 16  # resident warps an SM at GEMV_WARPS a block and two blocks
 
 
-def norm_linear_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether `norm_linear` takes x [tokens, K] and weight [N, K]: 1 to 4 token rows (a small
+@dataclass(frozen=True)
+class GemvShape:
+    """How csrc/gemv.cu spreads one projection: `rows` weight rows a warp (a group), `vecs`
+    16-byte loads a lane a row in flight, `parts` warps sharing a group's K."""
+
+    rows: int
+    vecs: int
+    parts: int
+
+
+def gemv_shape(num_out: int, k: int, silu_pairs: bool, sms: int) -> GemvShape:
+    """Four weight rows a warp, four loads a lane a row (16 in flight); K split over 2, 4 or 8
+    warps while the groups alone give fewer warps than the GPU holds at once and each slice
+    keeps two 16-byte vectors a lane or more (1536 wide: two slices at most; 8960: eight)."""
+    rows, vecs = 4, 4
+    groups = -(-num_out // (rows // 2 if silu_pairs else rows))
+    num_vecs = k // 8
+    parts = 1
+    while (
+        parts < GEMV_WARPS
+        and groups * parts < sms * GEMV_WARPS_PER_SM
+        and num_vecs // (2 * parts) >= 2 * 32
+    ):
+        parts *= 2
+    return GemvShape(rows, vecs, parts)
+
+
+def gemv_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether csrc/gemv.cu takes x [tokens, K] and weight [N, K]: 1 to 4 token rows (a small
     decode batch) in fp16/bf16, K a multiple of 8, the weight contiguous and 16-byte aligned."""
     return (
         x.is_cuda
         and x.dtype in (torch.float16, torch.bfloat16)
+        and x.dim() == 2
         and 1 <= x.shape[0] <= GEMV_MAX_TOKENS
         and x.shape[-1] % 8 == 0
         and weight.is_contiguous()
@@ -220,39 +275,72 @@ def norm_linear(
     weight: torch.Tensor,  # [N, K]
     bias: torch.Tensor | None,  # [N]
     silu_pairs: bool = False,
+    shape: GemvShape | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, new residual): RMSNorm (with the residual add, not in place) then the projection
     in one kernel; with `silu_pairs` the projection is a merged gate-up and out its SiLU-and-mul
-    [tokens, N / 2]. The CUDA twin of layers/norm.py, nn.Linear (and layers/activation.py)."""
-    assert norm_linear_fits(x, weight) and x.is_contiguous() and norm_weight.dtype == x.dtype
+    [tokens, N / 2]. The CUDA twin of layers/norm.py, nn.Linear (and layers/activation.py).
+    `shape` overrides `gemv_shape` (bench/decode_linear.py's sweep)."""
+    assert norm_weight.dtype == x.dtype and norm_weight.shape == (x.shape[1],)
+    assert residual is None or (residual.is_contiguous() and residual.shape == x.shape)
+    new_residual = torch.empty_like(x) if residual is not None else x
+    out = _gemv(x, weight, bias, silu_pairs, shape, residual, new_residual, norm_weight, eps)
+    return out, new_residual
+
+
+def small_linear(
+    x: torch.Tensor,  # [tokens, K]
+    weight: torch.Tensor,  # [N, K]
+    bias: torch.Tensor | None,  # [N]
+    shape: GemvShape | None = None,
+) -> torch.Tensor:
+    """nn.Linear of 1 to 4 token rows as csrc/gemv.cu's weight stream (no norm)."""
+    return _gemv(x, weight, bias, False, shape)
+
+
+def _gemv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    silu_pairs: bool,
+    shape: GemvShape | None,
+    residual: torch.Tensor | None = None,
+    residual_out: torch.Tensor | None = None,
+    norm_weight: torch.Tensor | None = None,
+    eps: float = 0.0,
+) -> torch.Tensor:
+    assert gemv_fits(x, weight) and x.is_contiguous()
     num_tokens, k = x.shape
     n = weight.shape[0]
     assert weight.shape[1] == k and weight.dtype == x.dtype and (not silu_pairs or n % 2 == 0)
-    assert residual is None or (residual.is_contiguous() and residual.shape == x.shape)
     assert bias is None or (bias.is_contiguous() and bias.shape == (n,))
     num_out = n // 2 if silu_pairs else n
+    shape = shape or gemv_shape(num_out, k, silu_pairs, num_sms(x.device))
+    assert (shape.rows, shape.vecs) in GEMV_SHAPES and GEMV_WARPS % shape.parts == 0
     out = torch.empty(num_tokens, num_out, dtype=x.dtype, device=x.device)
-    new_residual = torch.empty_like(x) if residual is not None else x
     args = [
         (out, _PTR),
-        (new_residual, _PTR),
+        (residual_out if residual_out is not None else x, _PTR),
         (x, _PTR),
         (residual if residual is not None else x, _PTR),
-        (norm_weight, _PTR),
+        (norm_weight if norm_weight is not None else x, _PTR),
         (eps, ctypes.c_float),
         (weight, _PTR),
         (bias.data_ptr() if bias is not None else 0, _PTR),
         (k, ctypes.c_int),
         (n, ctypes.c_int),
+        (int(norm_weight is not None), ctypes.c_int),
         (int(residual is not None), ctypes.c_int),
         (int(silu_pairs), ctypes.c_int),
+        (shape.parts, ctypes.c_int),
     ]
-    rows_per_block = GEMV_WARPS * GEMV_ROWS
-    grid = (-(-num_out // rows_per_block), 1, 1)
-    name = f"norm_gemv_{DTYPE_SUFFIX[x.dtype]}_m{num_tokens}"
-    shared = num_tokens * k * x.element_size()
+    groups = -(-num_out // (shape.rows // 2 if silu_pairs else shape.rows))
+    grid = (-(-groups * shape.parts // GEMV_WARPS), 1, 1)
+    name = f"gemv_{DTYPE_SUFFIX[x.dtype]}_m{num_tokens}_r{shape.rows}_v{shape.vecs}"
+    shared = GEMV_WARPS * shape.rows * num_tokens * 4  # the warps' sums
+    shared += num_tokens * k * x.element_size() if norm_weight is not None else 0  # normed rows
     KERNELS.launch(name, grid, (32 * GEMV_WARPS, 1, 1), args, shared)
-    return out, new_residual
+    return out
 
 
 def write_kv_cache(

@@ -53,7 +53,7 @@ class DecoderAttention(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         out = self.attn(qkv, self.rotary, rope, kv_cache, meta)  # [num_tokens, heads, head_dim]
-        return self.o_proj(out.reshape(qkv.shape[0], self.q_size))
+        return _linear(self.o_proj, out.reshape(qkv.shape[0], self.q_size))
 
 
 class DecoderMLP(nn.Module):
@@ -70,6 +70,14 @@ class DecoderMLP(nn.Module):
         # Applied by DecoderLayer: gate_up_proj and act fuse with the norm before them on CUDA.
 
 
+def _linear(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """linear(x); csrc/gemv.cu's weight stream for a small decode batch on CUDA (cuBLAS's GEMV
+    reads the weight slower at 1 to 4 rows: bench/decode_linear.py)."""
+    if kernels.gemv_fits(x, linear.weight):
+        return kernels.small_linear(x.contiguous(), linear.weight, linear.bias)
+    return linear(x)
+
+
 def _norm_then_linear(
     norm: RMSNorm,
     linear: nn.Linear,
@@ -80,7 +88,7 @@ def _norm_then_linear(
     """(act(linear(norm(hidden + residual))), the new residual): one csrc/gemv.cu kernel for a
     small decode batch on CUDA, where the norm and the activation are otherwise two of a layer's
     small kernels (at batch 1 their launches, not their bytes, are what they cost)."""
-    if kernels.norm_linear_fits(hidden, linear.weight):
+    if kernels.gemv_fits(hidden, linear.weight):
         return kernels.norm_linear(
             hidden.contiguous(),
             residual,
@@ -119,7 +127,7 @@ class DecoderLayer(nn.Module):
         act, residual = _norm_then_linear(
             self.post_attention_layernorm, mlp.gate_up_proj, hidden, residual, mlp.act
         )
-        return mlp.down_proj(act), residual
+        return _linear(mlp.down_proj, act), residual
 
 
 class Decoder(nn.Module):

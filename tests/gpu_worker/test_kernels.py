@@ -229,7 +229,7 @@ def test_norm_linear(
     expected = torch.nn.functional.linear(normed, weight, bias)
     if silu_pairs:
         expected = SiluAndMul()(expected)
-    assert kernels.norm_linear_fits(x, weight)
+    assert kernels.gemv_fits(x, weight)
     poison(expected.numel(), dtype)
     out, new_residual = kernels.norm_linear(
         x, residual, norm.weight, 1e-6, weight, bias, silu_pairs
@@ -240,15 +240,66 @@ def test_norm_linear(
     assert new_residual is x if residual is None else new_residual is not residual
 
 
-def test_norm_linear_fits_small_half_batches_only() -> None:
+def test_gemv_fits_small_half_batches_only() -> None:
     from mm_runtime.gpu_worker import kernels
 
     weight = torch.empty(64, 128, dtype=torch.bfloat16, device="cuda")
     rows = torch.empty(5, 128, dtype=torch.bfloat16, device="cuda")
-    assert kernels.norm_linear_fits(rows[:4], weight)
-    assert not kernels.norm_linear_fits(rows, weight)  # 5 tokens
-    assert not kernels.norm_linear_fits(rows[:1].float(), weight.float())
-    assert not kernels.norm_linear_fits(rows[:1].cpu(), weight.cpu())
+    assert kernels.gemv_fits(rows[:4], weight)
+    assert not kernels.gemv_fits(rows, weight)  # 5 tokens
+    assert not kernels.gemv_fits(rows[:1].float(), weight.float())
+    assert not kernels.gemv_fits(rows[:1].cpu(), weight.cpu())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("num_tokens", [1, 2, 3, 4])
+@pytest.mark.parametrize("k,n", [(1536, 1536), (8960, 1536), (72, 1000), (4096, 4100)])
+def test_small_linear(dtype: torch.dtype, num_tokens: int, k: int, n: int) -> None:
+    """The weight stream without the norm (the O and down projections) against nn.Linear."""
+    from mm_runtime.gpu_worker import kernels
+
+    torch.manual_seed(9)
+    weight = torch.randn(n, k, dtype=dtype, device="cuda") / k**0.5
+    bias = torch.randn(n, dtype=dtype, device="cuda") if n == 1000 else None
+    x = torch.randn(num_tokens, k, dtype=dtype, device="cuda")
+    expected = torch.nn.functional.linear(x, weight, bias)
+    assert kernels.gemv_fits(x, weight)
+    poison(expected.numel(), dtype)
+    out = kernels.small_linear(x, weight, bias)
+    rtol, atol = TOLERANCE[dtype]
+    torch.testing.assert_close(out, expected, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize(
+    "launch", [(r, v, p) for r, v in [(2, 2), (2, 4), (4, 2), (4, 4)] for p in (1, 2, 4, 8)]
+)
+@pytest.mark.parametrize("silu_pairs", [False, True])
+def test_gemv_launch_shapes_agree(launch: tuple[int, int, int], silu_pairs: bool) -> None:
+    """Every launch shape csrc/gemv.cu is built for (bench/decode_linear.py --sweep times them)
+    computes the same projection: rows past N, K slices of uneven length, three token rows."""
+    from mm_runtime.gpu_worker import kernels
+
+    torch.manual_seed(10)
+    k, n, dtype = 1992, 2 * 1003, torch.bfloat16  # 249 vectors: no slice count divides them
+    norm = RMSNorm(k, eps=1e-6).to(device="cuda", dtype=dtype)
+    weight = torch.randn(n, k, dtype=dtype, device="cuda") / k**0.5
+    bias = torch.randn(n, dtype=dtype, device="cuda")
+    x, residual = torch.randn(2, 3, k, dtype=dtype, device="cuda")
+    normed, expected_residual = norm(x, residual.clone())
+    expected = torch.nn.functional.linear(normed, weight, bias)
+    if silu_pairs:
+        expected = SiluAndMul()(expected)
+    poison(expected.numel(), dtype)
+    shape = kernels.GemvShape(*launch)
+    out, new_residual = kernels.norm_linear(
+        x, residual, norm.weight, 1e-6, weight, bias, silu_pairs, shape
+    )
+    torch.testing.assert_close(out, expected, rtol=1.6e-2, atol=1.6e-2)
+    assert torch.equal(new_residual, expected_residual)
+    plain = kernels.small_linear(normed, weight, bias, shape)
+    torch.testing.assert_close(
+        plain, torch.nn.functional.linear(normed, weight, bias), rtol=1.6e-2, atol=1.6e-2
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
