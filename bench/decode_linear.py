@@ -114,7 +114,7 @@ def bench_projection(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokens", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--tokens", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--models", nargs="+", default=["qwen2-vl-2b", "qwen2-vl-7b"])
     parser.add_argument("--sweep", action="store_true", help="every csrc/gemv.cu launch shape")
     args = parser.parse_args()

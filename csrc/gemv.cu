@@ -1,4 +1,4 @@
-// The projections of a small decode batch (1 to 4 token rows), as weight streams:
+// The projections of a small decode batch (1 or 2 token rows), as weight streams:
 //   with has_norm:  residual_out <- to_T(x + residual);  h <- RMSNorm(residual_out)
 //                   (as csrc/norm.cu's rms_norm; without has_residual x is normalized alone and
 //                   residual_out is not written)
@@ -167,6 +167,6 @@ __device__ void gemv(T* __restrict__ out, T* __restrict__ residual_out, const T*
 #define GEMV_M(NAME, T, M)                                                                         \
   GEMV_MRV(NAME, T, M, 2, 2) GEMV_MRV(NAME, T, M, 2, 4) GEMV_MRV(NAME, T, M, 4, 2)                 \
       GEMV_MRV(NAME, T, M, 4, 4)
-#define GEMV(NAME, T) GEMV_M(NAME, T, 1) GEMV_M(NAME, T, 2) GEMV_M(NAME, T, 3) GEMV_M(NAME, T, 4)
+#define GEMV(NAME, T) GEMV_M(NAME, T, 1) GEMV_M(NAME, T, 2)  // GEMV_MAX_TOKENS in kernels.py
 GEMV(f16, __half)
 GEMV(bf16, __nv_bfloat16)

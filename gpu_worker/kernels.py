@@ -221,9 +221,11 @@ def rms_norm(
 
 
 GEMV_WARPS = 8  # warps per block of csrc/gemv.cu
-GEMV_MAX_TOKENS = 4  # token rows it is instantiated for (1 to 4)
+# Token rows it is instantiated for. At 3 and 4 rows cuBLAS reads the QKV and gate-up weights
+# faster (bench/decode_linear.py on an H200: Qwen2-VL-2B's gate-up 28 against 41 us at 4 rows),
+# so those steps take the separate norm, cuBLAS and activation kernels.
+GEMV_MAX_TOKENS = 2
 GEMV_SHAPES = ((2, 2), (2, 4), (4, 2), (4, 4))  # (weight rows a warp, vectors a lane a row)
-GEMV_WARPS_PER_SM = 16  # resident warps an SM at GEMV_WARPS a block and two blocks
 
 
 @dataclass(frozen=True)
@@ -237,24 +239,22 @@ class GemvShape:
 
 
 def gemv_shape(num_out: int, k: int, silu_pairs: bool, sms: int) -> GemvShape:
-    """Four weight rows a warp, four loads a lane a row (16 in flight); K split over 2, 4 or 8
-    warps while the groups alone give fewer warps than the GPU holds at once and each slice
-    keeps two 16-byte vectors a lane or more (1536 wide: two slices at most; 8960: eight)."""
-    rows, vecs = 4, 4
+    """Four weight rows a warp, two loads a lane a row (eight in flight); K split over 2, 4 or 8
+    warps while the groups alone give fewer than eight warps an SM and each slice keeps a 16-byte
+    vector a lane or more. Picked from bench/decode_linear.py --sweep on an H200 (Qwen2-VL-2B and
+    -7B layers, one and two token rows): within 3 % of the fastest of the 16 shapes swept on all
+    but the 7B's QKV (10 %)."""
+    rows, vecs = 4, 2
     groups = -(-num_out // (rows // 2 if silu_pairs else rows))
     num_vecs = k // 8
     parts = 1
-    while (
-        parts < GEMV_WARPS
-        and groups * parts < sms * GEMV_WARPS_PER_SM
-        and num_vecs // (2 * parts) >= 2 * 32
-    ):
+    while parts < GEMV_WARPS and groups * parts < sms * 8 and num_vecs // (2 * parts) >= 32:
         parts *= 2
     return GemvShape(rows, vecs, parts)
 
 
 def gemv_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether csrc/gemv.cu takes x [tokens, K] and weight [N, K]: 1 to 4 token rows (a small
+    """Whether csrc/gemv.cu takes x [tokens, K] and weight [N, K]: 1 or 2 token rows (a small
     decode batch) in fp16/bf16, K a multiple of 8, the weight contiguous and 16-byte aligned."""
     return (
         x.is_cuda
@@ -294,7 +294,7 @@ def small_linear(
     bias: torch.Tensor | None,  # [N]
     shape: GemvShape | None = None,
 ) -> torch.Tensor:
-    """nn.Linear of 1 to 4 token rows as csrc/gemv.cu's weight stream (no norm)."""
+    """nn.Linear of 1 or 2 token rows as csrc/gemv.cu's weight stream (no norm)."""
     return _gemv(x, weight, bias, False, shape)
 
 

@@ -207,7 +207,7 @@ def test_rotary_kv_cache(
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("num_tokens", [1, 2, 3, 4])
+@pytest.mark.parametrize("num_tokens", [1, 2])
 @pytest.mark.parametrize("k,n", [(1536, 2048), (64, 1000), (3584, 4608), (4096, 22016)])
 @pytest.mark.parametrize("with_residual", [False, True])
 @pytest.mark.parametrize("silu_pairs", [False, True])
@@ -244,15 +244,15 @@ def test_gemv_fits_small_half_batches_only() -> None:
     from mm_runtime.gpu_worker import kernels
 
     weight = torch.empty(64, 128, dtype=torch.bfloat16, device="cuda")
-    rows = torch.empty(5, 128, dtype=torch.bfloat16, device="cuda")
-    assert kernels.gemv_fits(rows[:4], weight)
-    assert not kernels.gemv_fits(rows, weight)  # 5 tokens
+    rows = torch.empty(3, 128, dtype=torch.bfloat16, device="cuda")
+    assert kernels.gemv_fits(rows[:2], weight)
+    assert not kernels.gemv_fits(rows, weight)  # 3 tokens: cuBLAS's
     assert not kernels.gemv_fits(rows[:1].float(), weight.float())
     assert not kernels.gemv_fits(rows[:1].cpu(), weight.cpu())
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("num_tokens", [1, 2, 3, 4])
+@pytest.mark.parametrize("num_tokens", [1, 2])
 @pytest.mark.parametrize("k,n", [(1536, 1536), (8960, 1536), (72, 1000), (4096, 4100)])
 def test_small_linear(dtype: torch.dtype, num_tokens: int, k: int, n: int) -> None:
     """The weight stream without the norm (the O and down projections) against nn.Linear."""
@@ -276,7 +276,7 @@ def test_small_linear(dtype: torch.dtype, num_tokens: int, k: int, n: int) -> No
 @pytest.mark.parametrize("silu_pairs", [False, True])
 def test_gemv_launch_shapes_agree(launch: tuple[int, int, int], silu_pairs: bool) -> None:
     """Every launch shape csrc/gemv.cu is built for (bench/decode_linear.py --sweep times them)
-    computes the same projection: rows past N, K slices of uneven length, three token rows."""
+    computes the same projection: rows past N, K slices of uneven length, two token rows."""
     from mm_runtime.gpu_worker import kernels
 
     torch.manual_seed(10)
@@ -284,7 +284,7 @@ def test_gemv_launch_shapes_agree(launch: tuple[int, int, int], silu_pairs: bool
     norm = RMSNorm(k, eps=1e-6).to(device="cuda", dtype=dtype)
     weight = torch.randn(n, k, dtype=dtype, device="cuda") / k**0.5
     bias = torch.randn(n, dtype=dtype, device="cuda")
-    x, residual = torch.randn(2, 3, k, dtype=dtype, device="cuda")
+    x, residual = torch.randn(2, 2, k, dtype=dtype, device="cuda")
     normed, expected_residual = norm(x, residual.clone())
     expected = torch.nn.functional.linear(normed, weight, bias)
     if silu_pairs:
