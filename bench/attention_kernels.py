@@ -14,7 +14,6 @@ for all its layers (gpu_worker/layers/cuda_attention.py), so a layer's attention
 and, for split contexts, the merge.
 
     python bench/attention_kernels.py [--json bench/results/attention.json] [--sweep-splits 1 2 4]
-        [--min-split-keys 64 256]
 """
 
 import argparse
@@ -94,9 +93,7 @@ def paged_inputs(
     }
 
 
-def run_paged(
-    inputs: dict, num_splits: int | None = None, min_split_keys: int = pa.MIN_SPLIT_KEYS
-) -> torch.Tensor:
+def run_paged(inputs: dict, num_splits: int | None = None) -> torch.Tensor:
     """One layer's paged attention on `inputs`, with the plan's splits or `num_splits`."""
     q, plan = inputs["q"], inputs["plan"]
     return pa.paged_attention(
@@ -109,17 +106,11 @@ def run_paged(
         q.shape[2] ** -0.5,
         num_splits or plan.num_splits,
         plan.rows,
-        min_split_keys,
     )
 
 
 def decode_case(
-    model: str,
-    batch: int,
-    context: int,
-    copy_gbs: float,
-    sweep: list[int] | None = None,
-    min_keys: list[int] | None = None,
+    model: str, batch: int, context: int, copy_gbs: float, sweep: list[int] | None = None
 ) -> dict:
     heads = MODELS[model]
     num_heads, num_kv_heads, head_dim = heads
@@ -136,11 +127,6 @@ def decode_case(
     sweep_ms = {
         n: time_graph(lambda n=n: [run_paged(s, n) for s in sets]) / copies for n in sweep or []
     }
-    # The plan's splits with each fewest-keys-a-split of `min_keys`.
-    min_keys_ms = {
-        k: time_graph(lambda k=k: [run_paged(s, None, k) for s in sets]) / copies
-        for k in min_keys or []
-    }
     return {
         "model": model,
         "batch": batch,
@@ -150,7 +136,6 @@ def decode_case(
         "of_copy": gbs / copy_gbs,
         "num_splits": sets[0]["plan"].num_splits,
         "sweep_ms": sweep_ms,
-        "min_keys_ms": min_keys_ms,
     }
 
 
@@ -191,13 +176,6 @@ def main() -> None:
         default=None,
         help="also time each decode case with these split counts forced",
     )
-    parser.add_argument(
-        "--min-split-keys",
-        nargs="+",
-        type=int,
-        default=None,
-        help="also time each decode case with these fewest keys a split (multiples of 64)",
-    )
     args = parser.parse_args()
     if any(not 1 <= n <= pa.MAX_SPLITS for n in args.sweep_splits or []):
         parser.error(f"--sweep-splits: 1 to {pa.MAX_SPLITS}")
@@ -205,9 +183,8 @@ def main() -> None:
     device = torch.cuda.get_device_name()
     copy_gbs = copy_bandwidth()
     decode = [
-        decode_case(m, b, c, copy_gbs, args.sweep_splits, args.min_split_keys)
+        decode_case(m, b, c, copy_gbs, args.sweep_splits)
         for m, b, c in [
-            ("qwen2-vl-2b", 1, 1024),
             ("qwen2-vl-2b", 1, 4096),
             ("qwen2-vl-2b", 1, 32768),
             ("qwen2-vl-2b", 32, 1024),
@@ -246,16 +223,6 @@ def main() -> None:
         table = [
             [r["model"], str(r["batch"]), str(r["context"]), str(r["num_splits"])]
             + [f"{r['sweep_ms'][n] * 1e3:.1f} us" for n in args.sweep_splits]
-            for r in decode
-        ]
-        print(markdown_table(header, table))
-    if args.min_split_keys:
-        print(f"(a) with the fewest keys a split forced (the runtime's: {pa.MIN_SPLIT_KEYS})")
-        header = ["model", "batch", "context", "plan"]
-        header += [f"{k} keys" for k in args.min_split_keys]
-        table = [
-            [r["model"], str(r["batch"]), str(r["context"]), str(r["num_splits"])]
-            + [f"{r['min_keys_ms'][k] * 1e3:.1f} us" for k in args.min_split_keys]
             for r in decode
         ]
         print(markdown_table(header, table))

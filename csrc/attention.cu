@@ -126,7 +126,6 @@ struct AttentionParams {
   long v_offset;
   int num_tokens, num_heads, num_kv_heads, max_blocks, block_size_log2;
   float scale_log2;        // softmax scale * log2(e): the kernel works with exp2
-  int min_split_keys;      // a split's fewest keys, a multiple of ATTN_KEYS
 };
 
 template <typename T, int D, int ROWS, int STAGES>
@@ -143,31 +142,22 @@ __device__ void paged_attention(const AttentionParams& p) {
   // keys grow with its position, so the CTAs that start first are the longest and the last wave
   // holds short ones (FlashAttention's order for causal prefill); the plan's unused entries,
   // listed last, exit first.
-  // The step's metadata (the plan, the lengths) comes from kernels two or more launches back
-  // (csrc/common.cuh: every kernel waits before it lets the next start), so it is read before
-  // pdl_wait, whose latency it then overlaps; q and the new token's K/V (the kernel just ahead
-  // writes them) and every write come after. No CTA returns before waiting.
   const int tile = gridDim.x - 1 - blockIdx.x;
   const int req = p.tiles[2 * tile];
-  const int tile_start = p.tiles[2 * tile + 1];
-  const int req_read = max(req, 0);  // an unused entry reads request 0's lengths, unused
-  const long q0 = p.query_start_loc[req_read];
-  const int query_len = (int)(p.query_start_loc[req_read + 1] - q0);
-  const int seq_len = (int)p.seq_lens[req_read];
-  pdl_begin();
   if (req < 0) return;
+  const int tile_start = p.tiles[2 * tile + 1];
   const int kv_head = blockIdx.y, split = blockIdx.z, num_splits = gridDim.z;
   const int group = p.num_heads / p.num_kv_heads;
   const int tokens_per_tile = ROWS / group;
+  const long q0 = p.query_start_loc[req];
+  const int query_len = (int)(p.query_start_loc[req + 1] - q0);
+  const int seq_len = (int)p.seq_lens[req];
   const int num_tile_tokens = min(tokens_per_tile, query_len - tile_start);
   const int num_rows = num_tile_tokens * group;
   const int first_pos = seq_len - query_len + tile_start;  // absolute position of the tile's first query
-  // Keys [0, kv_end) are visible to some row; this split takes one 64-aligned slice of them, of
-  // min_split_keys or more: a short context then runs on fewer CTAs (the rest exit at once)
-  // that each pipeline several key tiles, instead of many that each wait out a whole load.
+  // Keys [0, kv_end) are visible to some row; this split takes one 64-aligned slice of them.
   const int kv_end = first_pos + num_tile_tokens;
-  const int per_split = max(p.min_split_keys,
-                            ((kv_end + num_splits - 1) / num_splits + ATTN_KEYS - 1) / ATTN_KEYS * ATTN_KEYS);
+  const int per_split = ((kv_end + num_splits - 1) / num_splits + ATTN_KEYS - 1) / ATTN_KEYS * ATTN_KEYS;
   const int kv_lo = split * per_split, kv_hi = min(kv_end, kv_lo + per_split);
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
@@ -414,11 +404,11 @@ __device__ void attention_merge(T* __restrict__ out, const float* __restrict__ p
 #define PAGED_ATTENTION(NAME, T, D)                                                                \
   extern "C" __global__ void __launch_bounds__(ATTN_THREADS)                                       \
       paged_attention_##NAME##_d##D(const AttentionParams p) {                                     \
-    paged_attention<T, D, ATTN_ROWS, 2>(p); /* calls pdl_begin */                                 \
+    pdl_begin(); paged_attention<T, D, ATTN_ROWS, 2>(p);                                                      \
   }                                                                                                \
   extern "C" __global__ void __launch_bounds__(ATTN_THREADS)                                       \
       paged_decode_##NAME##_d##D(const AttentionParams p) {                                        \
-    paged_attention<T, D, DECODE_ROWS, 3>(p); /* calls pdl_begin */                               \
+    pdl_begin(); paged_attention<T, D, DECODE_ROWS, 3>(p);                                                    \
   }
 // 64/80/128: the served models; 16/32: the tiny test models, so they take the same path on GPU.
 #define PAGED_ATTENTION_ALL_DIMS(NAME, T)                                                     \

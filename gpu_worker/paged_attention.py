@@ -22,9 +22,6 @@ DECODE_ROWS = 16  # query rows per CTA of paged_decode (steps of decodes only); 
 ATTN_THREADS = 128
 ATTN_HEAD_DIMS = (16, 32, 64, 80, 128)
 MAX_SPLITS = 64  # MERGE_MAX_SPLITS in csrc/attention.cu
-ATTN_KEYS = 64  # keys a pipeline stage; ATTN_KEYS there
-# A split's fewest keys (bench/attention_kernels.py --min-split-keys measures the choice).
-MIN_SPLIT_KEYS = 256
 
 
 class _AttentionParams(ctypes.Structure):
@@ -47,7 +44,6 @@ class _AttentionParams(ctypes.Structure):
         ("max_blocks", ctypes.c_int32),
         ("block_size_log2", ctypes.c_int32),
         ("scale_log2", ctypes.c_float),
-        ("min_split_keys", ctypes.c_int32),
     ]
 
 
@@ -119,13 +115,10 @@ def paged_attention(
     scale: float,
     num_splits: int = 1,
     rows: int = ATTN_ROWS,
-    min_split_keys: int = MIN_SPLIT_KEYS,
 ) -> torch.Tensor:
     """Causal attention of every query over its request's cached context (the CUDA twin of
     TorchAttentionBackend after the cache write); [num_tokens, num_heads, head_dim]. `rows`:
-    the tiles' query rows, as `attention_tiles` made them (DECODE_ROWS runs paged_decode).
-    `min_split_keys`: a split's fewest keys (a multiple of ATTN_KEYS), so a short context
-    spreads over fewer of the `num_splits` CTAs."""
+    the tiles' query rows, as `attention_tiles` made them (DECODE_ROWS runs paged_decode)."""
     num_tokens, num_heads, head_dim = q.shape
     block_size, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3]
     assert q.is_contiguous() and kv_cache.is_contiguous() and block_tables.is_contiguous()
@@ -133,7 +126,6 @@ def paged_attention(
     assert head_dim in ATTN_HEAD_DIMS and kv_cache.shape[4] == head_dim
     assert num_heads % num_kv_heads == 0 and block_size & (block_size - 1) == 0
     assert seq_lens.dtype == block_tables.dtype == torch.int64
-    assert min_split_keys >= ATTN_KEYS and min_split_keys % ATTN_KEYS == 0
     out = torch.empty_like(q)
     if num_tokens == 0:
         return out
@@ -158,7 +150,6 @@ def paged_attention(
         block_tables.shape[1],
         block_size.bit_length() - 1,
         scale * 1.4426950408889634,  # log2(e)
-        min_split_keys,
     )
     suffix = DTYPE_SUFFIX[q.dtype]
     row = head_dim + 8  # SMEM_PAD
