@@ -185,6 +185,7 @@ def main() -> None:
     decode = [
         decode_case(m, b, c, copy_gbs, args.sweep_splits)
         for m, b, c in [
+            ("qwen2-vl-2b", 1, 1024),
             ("qwen2-vl-2b", 1, 4096),
             ("qwen2-vl-2b", 1, 32768),
             ("qwen2-vl-2b", 32, 1024),
