@@ -82,7 +82,7 @@ def paged_inputs(
     q = torch.randn(int(starts[-1]), num_heads, head_dim, device="cuda").to(dtype)
     lens = torch.tensor(seq_lens, device="cuda")
     # The model's plan (layers/cuda_attention.py), made once a step.
-    plan = pa.plan_attention(starts, q.shape[0], num_heads // num_kv_heads, num_kv_heads)
+    plan = pa.plan_attention(starts, q.shape[0], num_heads // num_kv_heads, num_kv_heads, lens)
     return {
         "q": q,
         "kv_cache": cache,

@@ -138,10 +138,10 @@ __device__ void paged_attention(const AttentionParams& p) {
   T* k_smem = q_smem + ROWS * ROW;                       // [STAGES][ATTN_KEYS][ROW]
   T* v_smem = k_smem + STAGES * ATTN_KEYS * ROW;         // [STAGES][ATTN_KEYS][ROW]
 
-  // Tiles in reverse: the plan lists each request's tiles first to last, and a causal tile's
+  // Tiles in reverse: the plan lists each request's tiles first to last (several requests'
+  // sorted by their keys: gpu_worker/paged_attention.py's tiles_by_keys), and a causal tile's
   // keys grow with its position, so the CTAs that start first are the longest and the last wave
-  // holds short ones (FlashAttention's order for causal prefill); the plan's unused entries,
-  // listed last, exit first.
+  // holds short ones (FlashAttention's order for causal prefill); unused entries exit at once.
   const int tile = gridDim.x - 1 - blockIdx.x;
   const int req = p.tiles[2 * tile];
   if (req < 0) return;

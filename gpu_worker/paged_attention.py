@@ -95,14 +95,38 @@ def plan_attention(
     num_tokens: int,
     group: int,  # query heads a KV head
     num_kv_heads: int,
+    seq_lens: torch.Tensor | None = None,  # [num_reqs] int64: orders a batch's prefill tiles
 ) -> AttentionPlan:
     """The step's plan. A step of decodes only (as many tokens as requests: a shape, so graphs
     capture it) takes the 16-row kernel, whose shared memory carries more keys in flight; other
-    steps take 64-row tiles."""
-    decodes = num_tokens == query_start_loc.shape[0] - 1
+    steps take 64-row tiles, with several requests' tiles ordered by their keys (`seq_lens`)."""
+    num_reqs = query_start_loc.shape[0] - 1
+    decodes = num_tokens == num_reqs
     rows = DECODE_ROWS if decodes and group <= DECODE_ROWS else ATTN_ROWS
     tiles = attention_tiles(query_start_loc, num_tokens, group, rows)
+    if rows == ATTN_ROWS and num_reqs > 1 and seq_lens is not None:
+        tiles = tiles_by_keys(tiles, query_start_loc, seq_lens, rows // group)
     return AttentionPlan(tiles, attention_splits(tiles, num_tokens, num_kv_heads), rows)
+
+
+def tiles_by_keys(
+    tiles: torch.Tensor,  # [capacity, 2] int32, from attention_tiles
+    query_start_loc: torch.Tensor,  # [num_reqs + 1] int64
+    seq_lens: torch.Tensor,  # [num_reqs] int64
+    tokens_per_tile: int,
+) -> torch.Tensor:
+    """The tiles sorted by how many keys they read, fewest first (unused entries before all):
+    the kernel runs the list from its end, so the longest tiles of every request start first
+    and the last wave holds the shortest (longest-processing-time-first). The plan alone lists
+    each request's tiles in turn, so a batch of prompts ends on one request's long tiles beside
+    idle SMs. A few small device ops, no host sync."""
+    req = tiles[:, 0].long()
+    r = req.clamp(min=0)
+    query_len = query_start_loc[r + 1] - query_start_loc[r]
+    start = tiles[:, 1].long()
+    tokens = torch.clamp(query_len - start, max=tokens_per_tile)
+    keys = torch.where(req >= 0, seq_lens[r] - query_len + start + tokens, -1)
+    return tiles[torch.argsort(keys, stable=True)].contiguous()
 
 
 def paged_attention(

@@ -59,6 +59,7 @@ class CudaAttentionBackend(AttentionBackend):
                 q.shape[0],
                 q.shape[1] // num_kv_heads,
                 num_kv_heads,
+                meta.seq_lens,
             )
         plan = meta.backend_state
         return paged_attention.paged_attention(
