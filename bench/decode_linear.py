@@ -14,11 +14,10 @@ warp, loads a lane a row, warps sharing K) and prints the fastest against `gemv_
 """
 
 import argparse
-import statistics
 
 import torch
 import torch.nn.functional as F
-from attention_kernels import copy_bandwidth  # bench/ is the script dir on sys.path
+from attention_kernels import copy_bandwidth, time_graph  # bench/ is the script dir on sys.path
 from workload import markdown_table
 
 from mm_runtime.gpu_worker import kernels
@@ -55,26 +54,7 @@ def launch_shapes() -> list[kernels.GemvShape]:
 
 def time_replays(fn, reps: int = 30) -> float:
     """Median ms of one call of `fn(i)` for i in range(CALLS), replayed from a CUDA graph."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for i in range(CALLS):
-            fn(i)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(CALLS):
-            fn(i)
-    graph.replay()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times) / CALLS
+    return time_graph(lambda: [fn(i) for i in range(CALLS)], reps) / CALLS
 
 
 def bench_projection(
