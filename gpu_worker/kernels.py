@@ -242,8 +242,8 @@ def gemv_shape(num_out: int, k: int, silu_pairs: bool, sms: int) -> GemvShape:
     """Four weight rows a warp, two loads a lane a row (eight in flight); K split over 2, 4 or 8
     warps while the groups alone give fewer than eight warps an SM and each slice keeps a 16-byte
     vector a lane or more. Picked from bench/decode_linear.py --sweep on an H200 (Qwen2-VL-2B and
-    -7B layers, one and two token rows): within 3 % of the fastest of the 16 shapes swept on all
-    but the 7B's QKV (10 %)."""
+    -7B layers, one and two token rows): within 10 % of the fastest of the 16 shapes swept for
+    every projection, and the fastest for the 2B's O and gate-up."""
     rows, vecs = 4, 2
     groups = -(-num_out // (rows // 2 if silu_pairs else rows))
     num_vecs = k // 8
