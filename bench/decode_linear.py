@@ -84,8 +84,11 @@ def bench_projection(
         else:
             kernels.small_linear(x, w, None, shape)
 
-    us = {"cublas": time_replays(cublas) * 1e3, "runtime": time_replays(gemv) * 1e3}
-    if sweep:
+    # The decoder's choice: csrc/gemv.cu for 1-2 rows (kernels.GEMV_MAX_TOKENS), else cuBLAS.
+    fits = kernels.gemv_fits(x, weights[0])
+    us = {"cublas": time_replays(cublas) * 1e3}
+    us["runtime"] = time_replays(gemv) * 1e3 if fits else us["cublas"]
+    if sweep and fits:
         for shape in launch_shapes():
             key = f"r{shape.rows} v{shape.vecs} p{shape.parts}"
             us[key] = time_replays(lambda i, s=shape: gemv(i, s)) * 1e3
@@ -112,12 +115,14 @@ def main() -> None:
                     totals[tokens, path] = totals.get((tokens, path), 0.0) + us[path]
                 row = [name, f"{n}x{k}", str(tokens)]
                 row += [f"{us[p]:.1f} us ({floor_us / us[p]:.0%})" for p in ("cublas", "runtime")]
-                if args.sweep:
+                if args.sweep and len(us) > 2:
                     picked = kernels.gemv_shape(n // 2 if silu else n, k, silu, sms)
                     swept = {p: t for p, t in us.items() if p not in ("cublas", "runtime")}
                     best = min(swept, key=swept.__getitem__)
                     row += [f"{best}: {swept[best]:.1f} us", str(picked)]
                     print(name, tokens, " ".join(f"{p}={t:.1f}" for p, t in swept.items()))
+                elif args.sweep:
+                    row += ["", ""]  # cuBLAS's rows: nothing swept
                 rows.append(row)
         for tokens in args.tokens:
             row = ["layer", "", str(tokens)]
