@@ -404,11 +404,11 @@ __device__ void attention_merge(T* __restrict__ out, const float* __restrict__ p
 #define PAGED_ATTENTION(NAME, T, D)                                                                \
   extern "C" __global__ void __launch_bounds__(ATTN_THREADS)                                       \
       paged_attention_##NAME##_d##D(const AttentionParams p) {                                     \
-    pdl_begin(); paged_attention<T, D, ATTN_ROWS, 2>(p);                                                      \
+    pdl_begin(); paged_attention<T, D, ATTN_ROWS, 2>(p);                                           \
   }                                                                                                \
   extern "C" __global__ void __launch_bounds__(ATTN_THREADS)                                       \
       paged_decode_##NAME##_d##D(const AttentionParams p) {                                        \
-    pdl_begin(); paged_attention<T, D, DECODE_ROWS, 3>(p);                                                    \
+    pdl_begin(); paged_attention<T, D, DECODE_ROWS, 3>(p);                                         \
   }
 // 64/80/128: the served models; 16/32: the tiny test models, so they take the same path on GPU.
 #define PAGED_ATTENTION_ALL_DIMS(NAME, T)                                                     \
