@@ -14,6 +14,7 @@ for all its layers (gpu_worker/layers/cuda_attention.py), so a layer's attention
 and, for split contexts, the merge.
 
     python bench/attention_kernels.py [--json bench/results/attention.json] [--sweep-splits 1 2 4]
+        [--rows 64|128]   (force the prefill tiles' rows; default: the plan's)
 """
 
 import argparse
@@ -66,7 +67,11 @@ def copy_bandwidth() -> float:
 
 
 def paged_inputs(
-    seq_lens: list[int], query_lens: list[int], heads: tuple[int, int, int], dtype: torch.dtype
+    seq_lens: list[int],
+    query_lens: list[int],
+    heads: tuple[int, int, int],
+    dtype: torch.dtype,
+    rows: int | None = None,
 ) -> dict:
     """A paged cache holding every sequence's context in shuffled blocks, plus the metadata."""
     num_heads, num_kv_heads, head_dim = heads
@@ -82,7 +87,8 @@ def paged_inputs(
     q = torch.randn(int(starts[-1]), num_heads, head_dim, device="cuda").to(dtype)
     lens = torch.tensor(seq_lens, device="cuda")
     # The model's plan (layers/cuda_attention.py), made once a step.
-    plan = pa.plan_attention(starts, q.shape[0], num_heads // num_kv_heads, num_kv_heads, lens)
+    group = num_heads // num_kv_heads
+    plan = pa.plan_attention(starts, q.shape[0], group, num_kv_heads, lens, rows)
     return {
         "q": q,
         "kv_cache": cache,
@@ -139,10 +145,10 @@ def decode_case(
     }
 
 
-def prefill_case(model: str, batch: int, length: int) -> dict:
+def prefill_case(model: str, batch: int, length: int, rows: int | None = None) -> dict:
     heads = MODELS[model]
     num_heads, num_kv_heads, head_dim = heads
-    inputs = paged_inputs([length] * batch, [length] * batch, heads, torch.bfloat16)
+    inputs = paged_inputs([length] * batch, [length] * batch, heads, torch.bfloat16, rows)
     ours_ms = time_graph(lambda: run_paged(inputs), reps=20)
     q = inputs["q"].view(batch, length, num_heads, head_dim).transpose(1, 2).contiguous()
     k = torch.randn(batch, num_heads, length, head_dim, device="cuda", dtype=torch.bfloat16)
@@ -158,6 +164,7 @@ def prefill_case(model: str, batch: int, length: int) -> dict:
         "model": model,
         "batch": batch,
         "length": length,
+        "rows": inputs["plan"].rows,
         "ours_ms": ours_ms,
         "ours_TFLOPs": flops / ours_ms / 1e9,
         "sdpa_ms": sdpa_ms,
@@ -175,6 +182,13 @@ def main() -> None:
         type=int,
         default=None,
         help="also time each decode case with these split counts forced",
+    )
+    parser.add_argument(
+        "--rows",
+        type=int,
+        choices=[pa.ATTN_ROWS, pa.WIDE_ROWS],
+        default=None,
+        help="force the prefill tiles' query rows (default: the plan's tile_rows)",
     )
     args = parser.parse_args()
     if any(not 1 <= n <= pa.MAX_SPLITS for n in args.sweep_splits or []):
@@ -198,7 +212,7 @@ def main() -> None:
         ]
     ]
     prefill = [
-        prefill_case(m, b, n)
+        prefill_case(m, b, n, args.rows)
         for m, b, n in [
             ("qwen2-vl-2b", 1, 1024),
             ("qwen2-vl-2b", 1, 4096),
@@ -228,9 +242,10 @@ def main() -> None:
         ]
         print(markdown_table(header, table))
     print("(b) prefill attention (causal), bf16")
-    header = ["model", "batch x length", "ours", "ours TFLOP/s", "SDPA flash", "SDPA TFLOP/s"]
+    header = ["model", "batch x length", "rows", "ours", "ours TFLOP/s", "SDPA flash"]
+    header.append("SDPA TFLOP/s")
     table = [
-        [r["model"], f"{r['batch']} x {r['length']}", f"{r['ours_ms']:.3f} ms"]
+        [r["model"], f"{r['batch']} x {r['length']}", str(r["rows"]), f"{r['ours_ms']:.3f} ms"]
         + [f"{r['ours_TFLOPs']:.0f}", f"{r['sdpa_ms']:.3f} ms", f"{r['sdpa_TFLOPs']:.0f}"]
         + [f"{r['of_sdpa'] * 100:.0f} %"]
         for r in prefill

@@ -8,21 +8,24 @@
 // q query tokens has ceil(q / tokens_per_tile) of them) on the device, so nothing here needs the
 // host and CUDA graphs capture it.
 //
-// Each CTA runs FlashAttention-2's loop: 4 warps own 16 rows each; K/V tiles of 64 keys stream
+// Each CTA runs FlashAttention-2's loop: 4 (or 8) warps own 16 rows each; K/V tiles of 64 keys stream
 // through shared memory (cp.async, STAGES stages), S = Q K^T and O += P V run on tensor cores
 // (mma.sync m16n8k16, fp32 accumulators) with an online softmax in registers. Keys past a
 // query's position (causal) or past the tile's range are masked. Long contexts with few tiles
 // split the keys over gridDim.z CTAs ("split-K" / flash-decoding): each writes its rows' partial
 // output and log-sum-exp in fp32 and `attention_merge` combines them.
 //
-// Two instantiations: 64 query rows and two stages (prefill chunks, mixed steps), and for steps
-// of decodes only 16 rows (one warp's: a decode's GQA group) and three stages. A decode tile
+// Three instantiations: 64 query rows and two stages (prefill chunks, mixed steps); 128 rows, 8
+// warps and two stages (large GQA prefill: 8 warps share each K/V tile, half the shared-memory
+// fill a FLOP; paged_attention.py's tile_rows says when); and for steps of decodes only 16 rows
+// (one warp's: a decode's GQA group) and three stages. A decode tile
 // fills one warp's rows whatever the tile size, so the larger tile only held shared memory that
 // could carry keys: with 16 rows, two CTAs an SM keep two tiles of K/V each in flight, not one,
 // and a decode step streams the cache at a rate its latency, not its compute, had capped.
 #include "common.cuh"
 
 constexpr int ATTN_ROWS = 64;      // query rows per CTA (4 warps x 16); ATTN_ROWS in paged_attention.py
+constexpr int WIDE_ROWS = 128;    // query rows per CTA of the wide prefill kernel (8 x 16); WIDE_ROWS there
 constexpr int DECODE_ROWS = 16;    // query rows per CTA of the decode kernel; DECODE_ROWS there
 constexpr int ATTN_KEYS = 64;      // keys per K/V tile
 constexpr int ATTN_THREADS = 128;
@@ -128,7 +131,7 @@ struct AttentionParams {
   float scale_log2;        // softmax scale * log2(e): the kernel works with exp2
 };
 
-template <typename T, int D, int ROWS, int STAGES>
+template <typename T, int D, int ROWS, int STAGES, int THREADS>
 __device__ void paged_attention(const AttentionParams& p) {
   constexpr int ROW = D + SMEM_PAD;   // shared row stride, elements
   constexpr int CHUNKS = D / 8;       // 16-byte chunks per row
@@ -185,7 +188,7 @@ __device__ void paged_attention(const AttentionParams& p) {
   };
 
   if (kv_lo >= kv_hi) {  // an empty split (short context): -inf, which the merge skips
-    for (int m = tid; m < num_rows; m += ATTN_THREADS) {
+    for (int m = tid; m < num_rows; m += THREADS) {
       const long token = q0 + tile_start + m / group;
       p.partial_lse[((long)split * p.num_tokens + token) * p.num_heads + kv_head * group + m % group] = NEG_INF;
     }
@@ -193,7 +196,7 @@ __device__ void paged_attention(const AttentionParams& p) {
   }
 
   // Q tile -> shared (rows past the tile are zeros).
-  for (int i = tid; i < ROWS * CHUNKS; i += ATTN_THREADS) {
+  for (int i = tid; i < ROWS * CHUNKS; i += THREADS) {
     const int m = i / CHUNKS, c = i % CHUNKS;
     const bool valid = m < num_rows;
     const long token = q0 + tile_start + (valid ? m / group : 0);
@@ -201,7 +204,7 @@ __device__ void paged_attention(const AttentionParams& p) {
     cp_async16(q_smem + m * ROW + c * 8, q + (token * p.num_heads + head) * D + c * 8, valid);
   }
   auto load_kv = [&](int stage, int key0) {
-    for (int i = tid; i < ATTN_KEYS * CHUNKS; i += ATTN_THREADS) {
+    for (int i = tid; i < ATTN_KEYS * CHUNKS; i += THREADS) {
       const int j = i / CHUNKS, c = i % CHUNKS;
       const int pos = key0 + j;
       const bool valid = pos < kv_hi;
@@ -404,11 +407,15 @@ __device__ void attention_merge(T* __restrict__ out, const float* __restrict__ p
 #define PAGED_ATTENTION(NAME, T, D)                                                                \
   extern "C" __global__ void __launch_bounds__(ATTN_THREADS)                                       \
       paged_attention_##NAME##_d##D(const AttentionParams p) {                                     \
-    pdl_begin(); paged_attention<T, D, ATTN_ROWS, 2>(p);                                           \
+    pdl_begin(); paged_attention<T, D, ATTN_ROWS, 2, ATTN_THREADS>(p);                             \
   }                                                                                                \
   extern "C" __global__ void __launch_bounds__(ATTN_THREADS)                                       \
       paged_decode_##NAME##_d##D(const AttentionParams p) {                                        \
-    pdl_begin(); paged_attention<T, D, DECODE_ROWS, 3>(p);                                         \
+    pdl_begin(); paged_attention<T, D, DECODE_ROWS, 3, ATTN_THREADS>(p);                           \
+  }                                                                                                \
+  extern "C" __global__ void __launch_bounds__(2 * ATTN_THREADS)                                   \
+      paged_wide_##NAME##_d##D(const AttentionParams p) {                                          \
+    pdl_begin(); paged_attention<T, D, WIDE_ROWS, 2, 2 * ATTN_THREADS>(p);                         \
   }
 // 64/80/128: the served models; 16/32: the tiny test models, so they take the same path on GPU.
 #define PAGED_ATTENTION_ALL_DIMS(NAME, T)                                                     \

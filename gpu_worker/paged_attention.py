@@ -2,7 +2,8 @@
 
 `plan_attention` makes a step's plan once, on the device, from shapes and device tensors only
 (a decode step's CUDA graph captures it): which kernel (64-row tiles for prefill chunks and mixed
-steps, 16-row ones for steps of decodes only), the list of query tiles, and how many CTAs split
+steps, 128-row ones for large GQA prefill, 16-row ones for steps of decodes only: `tile_rows`),
+the list of query tiles, and how many CTAs split
 each tile's keys. `paged_attention` runs it for one layer. The torch reference is
 gpu_worker/layers/attention.py's TorchAttentionBackend; tests/gpu_worker/test_paged_attention.py
 compares the two.
@@ -19,6 +20,7 @@ _PTR = ctypes.c_void_p
 
 ATTN_ROWS = 64  # query rows per CTA; ATTN_ROWS in csrc/attention.cu
 DECODE_ROWS = 16  # query rows per CTA of paged_decode (steps of decodes only); DECODE_ROWS there
+WIDE_ROWS = 128  # query rows per CTA of paged_wide (8 warps); WIDE_ROWS there
 ATTN_THREADS = 128
 ATTN_HEAD_DIMS = (16, 32, 64, 80, 128)
 MAX_SPLITS = 64  # MERGE_MAX_SPLITS in csrc/attention.cu
@@ -51,7 +53,7 @@ def attention_tiles(
     query_start_loc: torch.Tensor, num_tokens: int, group: int, rows: int = ATTN_ROWS
 ) -> torch.Tensor:
     """The step's query tiles [capacity, 2] int32 (request, first query token; request -1 for
-    unused entries) of `rows` query rows (ATTN_ROWS, or DECODE_ROWS for paged_decode), listed
+    unused entries) of `rows` query rows (ATTN_ROWS, DECODE_ROWS or WIDE_ROWS), listed
     on the device. capacity = ceil(num_tokens / tokens_per_tile) + num_reqs bounds the count
     from shapes alone, so a CUDA graph can capture it."""
     assert query_start_loc.dtype == torch.int64 and 1 <= group <= rows
@@ -87,7 +89,26 @@ class AttentionPlan:
 
     tiles: torch.Tensor  # [capacity, 2] int32, as the kernel runs them (from the end)
     num_splits: int  # CTAs sharing each tile's keys
-    rows: int  # query rows a tile: ATTN_ROWS, or DECODE_ROWS (the paged_decode kernel)
+    rows: int  # query rows a tile: ATTN_ROWS, DECODE_ROWS (paged_decode) or WIDE_ROWS (paged_wide)
+
+
+def tile_rows(num_tokens: int, num_reqs: int, group: int, num_kv_heads: int, sms: int) -> int:
+    """The query rows of a step's tiles, from shapes alone: 16 (paged_decode) for a step of
+    decodes only (as many tokens as requests) whose GQA group fits a warp's rows; 128
+    (paged_wide, 8 warps sharing each K/V tile) for a prefill-heavy step of a GQA model: two
+    waves of such CTAs or more, and at most a quarter of them a request's own (a decode, or a
+    chunk's last tile); else 64. On an H200 (bench/RESULTS.md, sixth session), 128 rows ran
+    Qwen2-VL-2B's 1 x 4096, 1 x 8192 and 8 x 1024 prefill 5-7 % faster and the 7B's 1 x 4096
+    1 %; under two waves it ran slower (2B 1 x 1024: 21 %), and so did MHA (LLaVA's group of 1,
+    4-5 %: its 64-row tiles already hold 64 tokens). Taken for every step past the waves test,
+    it cost the offline benchmark 3 % (30.4 against 31.3 req/s): its mixed steps' decodes each
+    held a one-CTA-an-SM tile with one warp of eight at work."""
+    if num_tokens == num_reqs and group <= DECODE_ROWS:
+        return DECODE_ROWS
+    wide_tiles = -(-num_tokens // (WIDE_ROWS // group)) if group <= WIDE_ROWS else 0
+    if group > 1 and wide_tiles * num_kv_heads >= 2 * sms and 4 * num_reqs <= wide_tiles:
+        return WIDE_ROWS
+    return ATTN_ROWS
 
 
 def plan_attention(
@@ -96,15 +117,17 @@ def plan_attention(
     group: int,  # query heads a KV head
     num_kv_heads: int,
     seq_lens: torch.Tensor | None = None,  # [num_reqs] int64: orders a batch's prefill tiles
+    rows: int | None = None,  # forces the tile size (tests, benchmarks); None: `tile_rows`
 ) -> AttentionPlan:
-    """The step's plan. A step of decodes only (as many tokens as requests: a shape, so graphs
-    capture it) takes the 16-row kernel, whose shared memory carries more keys in flight; other
-    steps take 64-row tiles, with several requests' tiles ordered by their keys (`seq_lens`)."""
+    """The step's plan (the same for every layer; a decode step's CUDA graph captures it): the
+    tile size (`tile_rows`), the tiles, several requests' prefill tiles ordered by their keys
+    (`seq_lens`), and the split count."""
     num_reqs = query_start_loc.shape[0] - 1
-    decodes = num_tokens == num_reqs
-    rows = DECODE_ROWS if decodes and group <= DECODE_ROWS else ATTN_ROWS
+    if rows is None:
+        sms = num_sms(query_start_loc.device)
+        rows = tile_rows(num_tokens, num_reqs, group, num_kv_heads, sms)
     tiles = attention_tiles(query_start_loc, num_tokens, group, rows)
-    if rows == ATTN_ROWS and num_reqs > 1 and seq_lens is not None:
+    if rows != DECODE_ROWS and num_reqs > 1 and seq_lens is not None:
         tiles = tiles_by_keys(tiles, query_start_loc, seq_lens, rows // group)
     return AttentionPlan(tiles, attention_splits(tiles, num_tokens, num_kv_heads), rows)
 
@@ -142,7 +165,8 @@ def paged_attention(
 ) -> torch.Tensor:
     """Causal attention of every query over its request's cached context (the CUDA twin of
     TorchAttentionBackend after the cache write); [num_tokens, num_heads, head_dim]. `rows`:
-    the tiles' query rows, as `attention_tiles` made them (DECODE_ROWS runs paged_decode)."""
+    the tiles' query rows, as `attention_tiles` made them (DECODE_ROWS runs paged_decode,
+    WIDE_ROWS paged_wide)."""
     num_tokens, num_heads, head_dim = q.shape
     block_size, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3]
     assert q.is_contiguous() and kv_cache.is_contiguous() and block_tables.is_contiguous()
@@ -177,13 +201,16 @@ def paged_attention(
     )
     suffix = DTYPE_SUFFIX[q.dtype]
     row = head_dim + 8  # SMEM_PAD
-    assert rows in (ATTN_ROWS, DECODE_ROWS)
-    stages = 2 if rows == ATTN_ROWS else 3  # the kernels' STAGES
+    # rows -> (kernel, the kernel's STAGES, threads)
+    kind, stages, threads = {
+        ATTN_ROWS: ("attention", 2, ATTN_THREADS),
+        DECODE_ROWS: ("decode", 3, ATTN_THREADS),
+        WIDE_ROWS: ("wide", 2, 2 * ATTN_THREADS),
+    }[rows]
     shared_bytes = (rows + 2 * stages * 64) * row * q.element_size()  # Q + the stages' K and V
     grid = (tiles.shape[0], num_kv_heads, num_splits)
-    kind = "attention" if rows == ATTN_ROWS else "decode"
     name = f"paged_{kind}_{suffix}_d{head_dim}"
-    KERNELS.launch(name, grid, (ATTN_THREADS, 1, 1), [(params, None)], shared_bytes)
+    KERNELS.launch(name, grid, (threads, 1, 1), [(params, None)], shared_bytes)
     if num_splits > 1:
         args = [
             (out, _PTR),

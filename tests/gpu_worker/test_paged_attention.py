@@ -189,6 +189,19 @@ def test_decode_kernel_on_ragged_batches(seed: int) -> None:
     check(case, run_kernel(case, 0.1, rows=16), 0.1)
 
 
+@pytest.mark.parametrize("seed", range(10))
+def test_wide_kernel_on_ragged_batches(seed: int) -> None:
+    """paged_wide (128 query rows, 8 warps) on ragged batches of every head dim, dtype and GQA
+    group, with key splits forced or as planned."""
+    rng = random.Random(300 + seed)
+    dtype = (torch.bfloat16, torch.float16)[seed % 2]
+    head_dim = (128, 80, 64, 16, 32)[seed % 5]
+    num_heads, num_kv_heads = HEADS[seed % len(HEADS)]
+    case = make_case(random_seqs(rng, 3000), num_heads, num_kv_heads, head_dim, dtype, seed)
+    num_splits = (None, 1, 3, 64)[seed % 4]
+    check(case, run_kernel(case, 0.1, num_splits, rows=128), 0.1)
+
+
 def test_plan_takes_16_row_tiles_for_steps_of_decodes_only() -> None:
     """Decodes only (as many tokens as requests) and a GQA group of at most 16: paged_decode's
     16-row tiles, one a request; a prefill chunk in the step, or a larger group: 64 rows."""
