@@ -8,24 +8,24 @@
 // q query tokens has ceil(q / tokens_per_tile) of them) on the device, so nothing here needs the
 // host and CUDA graphs capture it.
 //
-// Each CTA runs FlashAttention-2's loop: 4 (or 8) warps own 16 rows each; K/V tiles of 64 keys stream
-// through shared memory (cp.async, STAGES stages), S = Q K^T and O += P V run on tensor cores
+// Each CTA runs FlashAttention-2's loop: 4 (or 8) warps own 16 rows each; K/V tiles of 64 keys
+// stream through shared memory (cp.async, STAGES stages), S = Q K^T and O += P V run on tensor cores
 // (mma.sync m16n8k16, fp32 accumulators) with an online softmax in registers. Keys past a
 // query's position (causal) or past the tile's range are masked. Long contexts with few tiles
 // split the keys over gridDim.z CTAs ("split-K" / flash-decoding): each writes its rows' partial
 // output and log-sum-exp in fp32 and `attention_merge` combines them.
 //
 // Three instantiations: 64 query rows and two stages (prefill chunks, mixed steps); 128 rows, 8
-// warps and two stages (large GQA prefill: 8 warps share each K/V tile, half the shared-memory
-// fill a FLOP; paged_attention.py's tile_rows says when); and for steps of decodes only 16 rows
-// (one warp's: a decode's GQA group) and three stages. A decode tile
-// fills one warp's rows whatever the tile size, so the larger tile only held shared memory that
-// could carry keys: with 16 rows, two CTAs an SM keep two tiles of K/V each in flight, not one,
-// and a decode step streams the cache at a rate its latency, not its compute, had capped.
+// warps and two stages (prefill-heavy GQA steps: 8 warps share each K/V tile, so shared memory
+// fills half as often a FLOP; paged_attention.py's tile_rows says when); and for steps of decodes
+// only 16 rows (one warp's: a decode's GQA group) and three stages. A decode tile fills one
+// warp's rows whatever the tile size, so the larger tile only held shared memory that could
+// carry keys: with 16 rows, two CTAs an SM keep two tiles of K/V each in flight, not one, and a
+// decode step streams the cache at a rate its latency, not its compute, had capped.
 #include "common.cuh"
 
 constexpr int ATTN_ROWS = 64;      // query rows per CTA (4 warps x 16); ATTN_ROWS in paged_attention.py
-constexpr int WIDE_ROWS = 128;    // query rows per CTA of the wide prefill kernel (8 x 16); WIDE_ROWS there
+constexpr int WIDE_ROWS = 128;     // query rows per CTA of paged_wide (8 warps x 16); WIDE_ROWS there
 constexpr int DECODE_ROWS = 16;    // query rows per CTA of the decode kernel; DECODE_ROWS there
 constexpr int ATTN_KEYS = 64;      // keys per K/V tile
 constexpr int ATTN_THREADS = 128;

@@ -2,9 +2,9 @@
 
 `plan_attention` makes a step's plan once, on the device, from shapes and device tensors only
 (a decode step's CUDA graph captures it): which kernel (64-row tiles for prefill chunks and mixed
-steps, 128-row ones for large GQA prefill, 16-row ones for steps of decodes only: `tile_rows`),
-the list of query tiles, and how many CTAs split
-each tile's keys. `paged_attention` runs it for one layer. The torch reference is
+steps, 128-row ones for prefill-heavy GQA steps, 16-row ones for steps of decodes only:
+`tile_rows`), the list of query tiles, and how many CTAs split each tile's keys.
+`paged_attention` runs it for one layer. The torch reference is
 gpu_worker/layers/attention.py's TorchAttentionBackend; tests/gpu_worker/test_paged_attention.py
 compares the two.
 """
