@@ -238,6 +238,12 @@ class GemvShape:
     parts: int
 
 
+def _gemv_groups(num_out: int, rows: int, silu_pairs: bool) -> int:
+    """Warp groups of csrc/gemv.cu for `num_out` outputs: `rows` weight rows a group, which with
+    `silu_pairs` are half gate rows and half their up rows (so rows / 2 outputs a group)."""
+    return -(-num_out // (rows // 2 if silu_pairs else rows))
+
+
 def gemv_shape(num_out: int, k: int, silu_pairs: bool, sms: int) -> GemvShape:
     """Four weight rows a warp, two loads a lane a row (eight in flight); K split over 2, 4 or 8
     warps while the groups alone give fewer than eight warps an SM and each slice keeps a 16-byte
@@ -245,7 +251,7 @@ def gemv_shape(num_out: int, k: int, silu_pairs: bool, sms: int) -> GemvShape:
     -7B layers, one and two token rows): within 10 % of the fastest of the 16 shapes swept for
     every projection, and the fastest for the 2B's O and gate-up."""
     rows, vecs = 4, 2
-    groups = -(-num_out // (rows // 2 if silu_pairs else rows))
+    groups = _gemv_groups(num_out, rows, silu_pairs)
     num_vecs = k // 8
     parts = 1
     while parts < GEMV_WARPS and groups * parts < sms * 8 and num_vecs // (2 * parts) >= 32:
@@ -334,7 +340,7 @@ def _gemv(
         (int(silu_pairs), ctypes.c_int),
         (shape.parts, ctypes.c_int),
     ]
-    groups = -(-num_out // (shape.rows // 2 if silu_pairs else shape.rows))
+    groups = _gemv_groups(num_out, shape.rows, silu_pairs)
     grid = (-(-groups * shape.parts // GEMV_WARPS), 1, 1)
     name = f"gemv_{DTYPE_SUFFIX[x.dtype]}_m{num_tokens}_r{shape.rows}_v{shape.vecs}"
     shared = GEMV_WARPS * shape.rows * num_tokens * 4  # the warps' sums
